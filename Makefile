@@ -1,0 +1,37 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+BSTAMP := $(VENV)/.installed-bench
+
+.PHONY: test bench lint format clean examples
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+$(BSTAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check kldiv tests bench examples
+	$(BIN)/ruff format --check kldiv tests bench examples
+
+format: $(STAMP)
+	$(BIN)/ruff format kldiv tests bench examples
+	$(BIN)/ruff check --fix kldiv tests bench examples
+
+test: lint
+	$(BIN)/python -m pytest -q -n 2 tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -m multidevice tests
+
+bench: $(BSTAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,23 @@
+"""kldiv: divergence kernels for JAX.
+
+Every divergence returns one value per example (the event axis summed away); aggregation over
+examples is always explicit, through :func:`kldiv.reduce`. Argument order is mathematical:
+``kl(p, q)`` is KL(p‖q) with p the reference/target and q the model.
+"""
+
+from kldiv._checks import validate_log_probs, validate_probs
+from kldiv.discrete import kl, kl_from_log_probs, kl_from_logits
+from kldiv.reductions import REDUCTIONS, count_kept, reduce
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REDUCTIONS",
+    "count_kept",
+    "kl",
+    "kl_from_log_probs",
+    "kl_from_logits",
+    "reduce",
+    "validate_log_probs",
+    "validate_probs",
+]

@@ -1,0 +1,264 @@
+"""Discrete KL divergence from probabilities, log-probabilities or logits (reference semantics).
+
+Argument order is the mathematical one: ``p`` is the reference/target distribution, ``q`` the
+model/approximation, and every function returns KL(p‖q) = Σ_v p_v log(p_v/q_v) along ``axis``, with
+that axis removed (one value per example; aggregate with :func:`kldiv.reduce`).
+
+How it is computed. Each entry contributes p·log(p/q) − p + q = p·ω(log(p/q)) ≥ 0 (see
+``kldiv._numerics``); for normalised p and q the extra −p + q terms sum to zero, so the sum is KL
+exactly, while every term stays non-negative. That is what keeps float32 accurate when p ≈ q,
+where the textbook Σ p(log p − log q) cancels catastrophically and can go negative. For
+probability and log-probability inputs that do not sum to one the result is the generalised
+(I-)divergence Σ [p log(p/q) − p + q] (Csiszár 1991), which differs from Σ p log(p/q) by
+Σ(q − p); use :func:`kldiv.validate_probs` to check inputs at run time.
+
+Edge semantics (all three input spaces): an entry with p = 0 contributes 0 to KL, also where
+q = 0 or log q = −inf; p > 0 where q = 0 gives +inf, never NaN. Gradients are finite wherever the
+value is finite: they come from closed forms (custom JVP), never from differentiating through
+masked or infinite intermediates.
+
+dtypes: bfloat16/float16 inputs are computed and returned in float32; float32 stays float32;
+float64 stays float64 (with ``jax_enable_x64``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kldiv import _checks
+from kldiv._numerics import kl_terms, log_ratio_probs, logits_stats, logits_terms
+
+__all__ = ["LOGIT_IMPLS", "kl", "kl_from_log_probs", "kl_from_logits", "prepare_pair"]
+
+# Implementations of kl_from_logits, all with the same semantics and tests.
+LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla")
+
+
+def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
+    """Checks and aligns a pair of event arrays: floating dtypes, broadcast shapes, ``axis``.
+
+    Returns (p, q, where) cast to the compute dtype, broadcast to one shape, with the event axis
+    moved last; ``where`` broadcast to that shape or None. Shared by every discrete divergence.
+    """
+    _checks.check_floating(name_p, p)
+    _checks.check_floating(name_q, q)
+    p, q = jnp.asarray(p), jnp.asarray(q)
+    shape = _checks.broadcast_shapes((name_p, name_q), (p.shape, q.shape))
+    axis = _checks.check_axis(axis, len(shape))
+    where = _checks.check_where(where, shape)
+    dtype = _checks.compute_dtype(p, q)
+    p = jnp.moveaxis(jnp.broadcast_to(p.astype(dtype), shape), axis, -1)
+    q = jnp.moveaxis(jnp.broadcast_to(q.astype(dtype), shape), axis, -1)
+    if where is not None:
+        where = jnp.moveaxis(where, axis, -1)
+    return p, q, where
+
+
+# ---------------------------------------------------------------------------------------------
+# Cores along the last axis. Each is a custom_jvp: the value is the accurate sum of non-negative
+# terms, the tangent a closed form that is finite wherever the value is.
+
+
+@jax.custom_jvp
+def _kl_probs_core(p, q):
+    return jnp.sum(kl_terms(p, q, log_ratio_probs(p, q)), axis=-1)
+
+
+@_kl_probs_core.defjvp
+def _kl_probs_jvp(primals, tangents):
+    p, q = primals
+    dp, dq = tangents
+    x = log_ratio_probs(p, q)
+    out = jnp.sum(kl_terms(p, q, x), axis=-1)
+    # d/dp = log(p/q) (0 at p = 0, the gradient of the 0·log 0 = 0 convention); d/dq = 1 − p/q.
+    gp = jnp.where(p > 0, jnp.where(p > 0, x, 0), 0)
+    q_safe = jnp.where(q > 0, q, 1)
+    gq = jnp.where(q > 0, 1 - p / q_safe, jnp.where(p > 0, -jnp.inf, 1))
+    return out, jnp.sum(gp * dp + gq * dq, axis=-1)
+
+
+@jax.custom_jvp
+def _kl_log_probs_core(lp, lq):
+    x, p, q = _log_space_terms(lp, lq)
+    return jnp.sum(kl_terms(p, q, x), axis=-1)
+
+
+def _log_space_terms(lp, lq):
+    both_neg_inf = (lp == -jnp.inf) & (lq == -jnp.inf)
+    x = jnp.where(both_neg_inf, jnp.zeros_like(lp), lp - lq)
+    return x, jnp.exp(lp), jnp.exp(lq)
+
+
+@_kl_log_probs_core.defjvp
+def _kl_log_probs_jvp(primals, tangents):
+    lp, lq = primals
+    dlp, dlq = tangents
+    x, p, q = _log_space_terms(lp, lq)
+    out = jnp.sum(kl_terms(p, q, x), axis=-1)
+    # d/dlog p = p·log(p/q), d/dlog q = q − p.
+    glp = jnp.where(p > 0, p * jnp.where(p > 0, x, 0), 0)
+    return out, jnp.sum(glp * dlp + (q - p) * dlq, axis=-1)
+
+
+@jax.custom_jvp
+def _kl_logits_core(a, b):
+    p, q, x = logits_terms(a, b, *logits_stats(a, b))
+    return jnp.sum(kl_terms(p, q, x), axis=-1)
+
+
+@_kl_logits_core.defjvp
+def _kl_logits_jvp(primals, tangents):
+    a, b = primals
+    da, db = tangents
+    p, q, x = logits_terms(a, b, *logits_stats(a, b))
+    out = jnp.sum(kl_terms(p, q, x), axis=-1)
+    # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
+    ga = jnp.where(p > 0, p * (jnp.where(p > 0, x, 0) - out[..., None]), 0)
+    return out, jnp.sum(ga * da + (q - p) * db, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def kl(p: jax.Array, q: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+    """KL(p‖q) from probabilities, along ``axis``.
+
+    KL(p‖q) = Σ_v p_v log(p_v / q_v), computed as Σ_v [p_v log(p_v/q_v) − p_v + q_v] (equal for
+    normalised inputs, non-negative term by term, accurate when p ≈ q; see the module docstring).
+
+    Args:
+      p: reference/target probabilities, shape ``[..., V, ...]``, any floating dtype.
+      q: model probabilities, broadcastable against ``p`` (e.g. one prior row against a batch).
+      axis: the event axis (summed over and removed).
+      where: optional boolean mask broadcastable to the inputs; entries where it is False are left
+        out of the sum (whatever they hold, NaN included, touches neither value nor gradient).
+
+    Returns:
+      KL per example: the broadcast shape without ``axis``; float32 for 16-bit inputs, else the
+      input dtype. p = 0 entries contribute 0 (also where q = 0); p > 0 with q = 0 gives +inf.
+      The gradient w.r.t. q is 1 − p/q (the +1 is projected out by any normalisation such as a
+      softmax); w.r.t. p it is log(p/q), taken as 0 at p = 0, where the one-sided derivative is −∞.
+
+    Raises:
+      TypeError: non-floating inputs or a non-boolean ``where``.
+      ValueError: shapes that do not broadcast; ``axis`` out of range.
+
+    References:
+      Kullback & Leibler (1951); Csiszár (1991), "Why least squares and maximum entropy?", for
+      the generalised form.
+    """
+    p, q, where = prepare_pair("p", p, "q", q, axis, where)
+    if where is not None:
+        p = jnp.where(where, p, 0)
+        q = jnp.where(where, q, 0)
+    return _kl_probs_core(p, q)
+
+
+def kl_from_log_probs(
+    log_p: jax.Array, log_q: jax.Array, *, axis: int = -1, where: jax.Array | None = None
+) -> jax.Array:
+    """KL(p‖q) from log-probabilities, along ``axis``.
+
+    KL(p‖q) = Σ_v e^{log p_v} (log p_v − log q_v), computed as the non-negative sum of
+    p·ω(log p − log q) with ω(x) = x + expm1(−x) (see the module docstring).
+
+    Args:
+      log_p: reference/target log-probabilities (−inf allowed), shape ``[..., V, ...]``.
+      log_q: model log-probabilities, broadcastable against ``log_p``.
+      axis: the event axis (summed over and removed).
+      where: optional boolean mask; excluded entries are left out of the sum and touch neither
+        value nor gradient.
+
+    Returns:
+      KL per example (float32 for 16-bit inputs, else the input dtype). log p = −inf entries
+      contribute 0 (also where log q = −inf); finite log p with log q = −inf gives +inf.
+      Gradients: d/dlog_q = q − p and d/dlog_p = p·(log p − log q), finite wherever the value is.
+      (torch's ``kl_div`` gives −p for the first; the two agree after any log-softmax.)
+
+    Raises:
+      TypeError: non-floating inputs or a non-boolean ``where``.
+      ValueError: shapes that do not broadcast; ``axis`` out of range.
+
+    References:
+      Kullback & Leibler (1951).
+    """
+    lp, lq, where = prepare_pair("log_p", log_p, "log_q", log_q, axis, where)
+    if where is not None:
+        lp = jnp.where(where, lp, -jnp.inf)
+        lq = jnp.where(where, lq, -jnp.inf)
+    return _kl_log_probs_core(lp, lq)
+
+
+def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
+    """Checks, aligns, tempers and masks a pair of logit arrays (event axis last).
+
+    Masked entries become −inf in both, exactly as if the vocabulary excluded them. Shared by the
+    XLA, chunked and Pallas paths so that they agree on every edge.
+    """
+    _checks.check_temperature(temperature)
+    a, b, where = prepare_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        t = jnp.asarray(temperature, a.dtype)
+        a, b = a / t, b / t
+    if where is not None:
+        a = jnp.where(where, a, -jnp.inf)
+        b = jnp.where(where, b, -jnp.inf)
+    return a, b
+
+
+def kl_from_logits(
+    logits_p: jax.Array,
+    logits_q: jax.Array,
+    *,
+    axis: int = -1,
+    where: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    impl: str = "auto",
+) -> jax.Array:
+    """KL(softmax(logits_p / T) ‖ softmax(logits_q / T)), along ``axis``.
+
+    With a = logits_p/T, b = logits_q/T, p = softmax(a), q = softmax(b) and x = log p − log q:
+
+        KL(p‖q) = Σ_v p_v x_v = Σ_v p_v ω(x_v),   ω(x) = x + expm1(−x) ≥ 0,
+
+    where x_v = (a_v − max a) − (b_v − max b) − log(Σe^{a−max a} / Σe^{b−max b}) is formed from
+    error-free centred differences and a log1p of the normaliser ratio. Every term is
+    non-negative, so the result is never negative and keeps float32 relative accuracy when p ≈ q
+    (the textbook Σ p(log p − log q) loses every digit there).
+
+    Args:
+      logits_p: reference/target (teacher) logits, shape ``[..., V, ...]``; −inf masks an entry.
+      logits_q: model (student) logits, broadcastable against ``logits_p``.
+      axis: the event (vocabulary) axis, summed over and removed.
+      where: optional boolean mask; excluded entries are left out of both normalisers and the
+        sum, exactly as if both logits were −inf, and whatever they hold (NaN, ±inf) touches
+        neither value nor gradient.
+      temperature: T > 0; logits are divided by it before normalisation (a Python number ≤ 0
+        raises ValueError; a traced value is used as given). No T² factor is applied.
+      impl: which implementation computes it; every one has the semantics above and passes the
+        same tests. ``"xla"``: plain XLA ops with a closed-form JVP (supports forward mode).
+        ``"auto"`` (default) picks per backend and shape; see ``LOGIT_IMPLS``.
+
+    Returns:
+      KL per example (float32 for 16-bit inputs, else the input dtype). Entries with p = 0
+      contribute 0 (also where both logits are −inf); p > 0 where q = 0 gives +inf. A row with no
+      entries left gives 0. Finite logits of any size (up to ±3e38 in float32) give finite values.
+      Gradients: d/dlogits_q = (softmax(b) − softmax(a))/T and
+      d/dlogits_p = p·(x − KL)/T, finite wherever the value is.
+
+    Raises:
+      TypeError: non-floating inputs or a non-boolean ``where``.
+      ValueError: shapes that do not broadcast; ``axis`` out of range; a Python temperature ≤ 0.
+
+    References:
+      Kullback & Leibler (1951); Hinton et al. (2015), "Distilling the knowledge in a neural
+      network", for temperature.
+    """
+    if impl not in LOGIT_IMPLS:
+        raise ValueError(f"kldiv: unknown impl {impl!r}; allowed: " + ", ".join(LOGIT_IMPLS))
+    a, b = prepare_logits(logits_p, logits_q, axis, where, temperature)
+    if impl in ("xla", "auto"):
+        return _kl_logits_core(a, b)
+    raise AssertionError(impl)

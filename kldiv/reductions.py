@@ -1,0 +1,170 @@
+"""Explicit reductions over examples: the only place where kldiv aggregates per-example values.
+
+Every divergence in kldiv returns one value per example (the event axis is summed away inside the
+divergence). How those values become a loss is a modelling choice, so :func:`reduce` makes it an
+explicit argument with no default:
+
+==============  ==========================================================================
+``"none"``      the values, with masked positions set to 0
+``"sum"``       Σ_i m_i v_i
+``"mean"``      Σ_i m_i v_i / Σ_i m_i  (mean over kept positions; token mean for [B, T] values)
+``"batchmean"`` Σ_i m_i v_i / B        (B = size of the leading axis; torch's ``batchmean``)
+``"dataset"``   Σ_i m_i v_i · N / B    (N = ``dataset_size``; minibatch estimate of a dataset sum)
+==============  ==========================================================================
+
+``"mean"`` over examples drawn from the data distribution is an unbiased estimate of
+E_x[KL(p(·|x) ‖ q(·|x))]. ``"dataset"`` is the minibatch estimator of a sum over a whole data set,
+as in the ELBO of a VAE (Kingma & Welling 2014, eq. 8 and 10): N/M × the minibatch sum.
+
+Global normalisers: inside ``shard_map``/``pmap`` pass ``axis_name`` and sums and counts are
+combined across devices *before* dividing. For gradient accumulation over micro-batches pass the
+normaliser of the whole step explicitly (``count=`` for ``"mean"``, ``batch_size=`` for
+``"batchmean"`` and ``"dataset"``), so that Σ over micro-batches of each micro-batch's loss equals
+the loss of the whole step; see :func:`count_kept`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kldiv import _checks
+
+Reduction = Literal["none", "sum", "mean", "batchmean", "dataset"]
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "batchmean", "dataset")
+
+__all__ = ["REDUCTIONS", "Reduction", "count_kept", "reduce"]
+
+
+def _check_reduction(reduction) -> None:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(
+            f"kldiv: unknown reduction {reduction!r}; allowed: " + ", ".join(map(repr, REDUCTIONS))
+        )
+
+
+def _mask(mask, shape: tuple[int, ...]) -> jax.Array | None:
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        out = tuple(np.broadcast_shapes(mask.shape, shape))
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"kldiv: `mask` of shape {mask.shape} does not broadcast to the values' shape "
+            f"{tuple(shape)}."
+        )
+    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)):
+        raise TypeError(f"kldiv: `mask` must be boolean or numeric; got dtype {mask.dtype}.")
+    return jnp.broadcast_to(mask, shape)
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def count_kept(mask, *, shape: tuple[int, ...] | None = None, axis_name=None) -> jax.Array:
+    """The number of kept positions (Σ mask), summed over ``axis_name`` when given.
+
+    Use it to get the normaliser of a whole step before looping over micro-batches::
+
+        count = kldiv.count_kept(full_mask)                   # tokens kept in the whole step
+        loss_k = kldiv.reduce(v_k, "mean", mask=m_k, count=count)   # per micro-batch
+        # Σ_k loss_k == reduce(v, "mean", mask=full_mask); the same holds for the gradients.
+
+    With ``mask=None`` pass ``shape`` and the count is its number of elements. Boolean masks count
+    kept positions; numeric masks are weights and count their sum.
+    """
+    if mask is None:
+        if shape is None:
+            raise ValueError("kldiv: count_kept needs `mask` or `shape`.")
+        return _psum(jnp.asarray(float(np.prod(shape)), jnp.float32), axis_name)
+    mask = jnp.asarray(mask)
+    return _psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
+
+
+def reduce(
+    values: jax.Array,
+    reduction: Reduction,
+    *,
+    mask: jax.Array | None = None,
+    dataset_size: int | jax.Array | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+    count: jax.Array | float | None = None,
+    batch_size: jax.Array | int | None = None,
+) -> jax.Array:
+    """Aggregates per-example values into a loss, explicitly.
+
+    Args:
+      values: per-example values, e.g. ``[batch]`` or ``[batch, tokens]`` (the output of any
+        kldiv divergence). The leading axis is the batch axis for ``"batchmean"``/``"dataset"``.
+      reduction: one of ``"none"``, ``"sum"``, ``"mean"``, ``"batchmean"``, ``"dataset"`` (no
+        default; see the module docstring for the formulas).
+      mask: optional boolean keep-mask (or numeric weights) broadcastable to ``values``. Masked
+        positions contribute 0 whatever they hold (NaN and inf included), to values and gradients.
+      dataset_size: N for ``"dataset"`` (required there, rejected elsewhere).
+      axis_name: a mapped axis name (``shard_map``/``pmap``): sums, counts and batch sizes are
+        combined across it with ``psum`` before dividing, so means use global counts.
+      count: explicit normaliser for ``"mean"`` (e.g. the kept-token count of a whole
+        accumulation step from :func:`count_kept`); used as given, not summed over ``axis_name``.
+      batch_size: explicit batch size B for ``"batchmean"`` and ``"dataset"``; used as given.
+
+    Returns:
+      ``values`` with masked entries zeroed for ``"none"``, else a scalar. The dtype is that of
+      ``values``. A ``"mean"`` over zero kept positions is 0, not NaN.
+
+    Raises:
+      ValueError: unknown reduction; mask that does not broadcast; missing or misplaced
+        ``dataset_size``/``count``/``batch_size``; ``"batchmean"``/``"dataset"`` on a scalar.
+    """
+    _check_reduction(reduction)
+    values = jnp.asarray(values)
+    _checks.check_floating("values", values)
+    if dataset_size is not None and reduction != "dataset":
+        raise ValueError(
+            f"kldiv: `dataset_size` only applies to reduction='dataset'; got {reduction!r}."
+        )
+    if reduction == "dataset" and dataset_size is None:
+        raise ValueError(
+            "kldiv: reduction='dataset' needs `dataset_size` (N in the N/M × minibatch-sum "
+            "estimator of a whole-dataset objective)."
+        )
+    if count is not None and reduction != "mean":
+        raise ValueError(f"kldiv: `count` only applies to reduction='mean'; got {reduction!r}.")
+    if batch_size is not None and reduction not in ("batchmean", "dataset"):
+        raise ValueError(
+            "kldiv: `batch_size` only applies to reduction='batchmean' or 'dataset'; "
+            f"got {reduction!r}."
+        )
+    if reduction in ("batchmean", "dataset") and values.ndim == 0 and batch_size is None:
+        raise ValueError(
+            f"kldiv: reduction={reduction!r} divides by the leading (batch) axis, but `values` is "
+            "a scalar; pass per-example values or `batch_size`."
+        )
+
+    m = _mask(mask, values.shape)
+    kept = values if m is None else jnp.where(m.astype(bool), values, 0)
+    if m is not None and m.dtype != jnp.bool_:
+        kept = kept * m.astype(values.dtype)
+    if reduction == "none":
+        return kept
+
+    total = _psum(jnp.sum(kept), axis_name)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        if count is None:
+            count = count_kept(m, shape=values.shape, axis_name=axis_name)
+        count = jnp.asarray(count, values.dtype)
+        return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), jnp.zeros_like(total))
+    if batch_size is None:
+        batch_size = _psum(jnp.asarray(values.shape[0], values.dtype), axis_name)
+    batch_size = jnp.asarray(batch_size, values.dtype)
+    if reduction == "batchmean":
+        return total / batch_size
+    return total * (jnp.asarray(dataset_size, values.dtype) / batch_size)
