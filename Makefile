@@ -10,12 +10,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]"
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 $(BSTAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,bench]"
 	touch $@
 
 lint: $(STAMP)

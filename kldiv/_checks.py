@@ -132,8 +132,8 @@ def validate_probs(p: jax.Array, *, axis: int = -1, atol: float = 1e-4, name: st
         err, value = jax.jit(checked)(p, q)
         err.throw()   # raises with the message below if p is not a distribution
 
-    Outside ``checkify`` a ``checkify.check`` inside ``jit`` raises a trace-time error, so use it only
-    in checked functions.
+    Outside ``checkify`` a ``checkify.check`` inside ``jit`` raises a trace-time error, so use
+    it only in checked functions.
     """
     check_floating(name, p)
     p = jnp.asarray(p)

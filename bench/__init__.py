@@ -1,0 +1,1 @@
+"""kldiv benchmarks: peers side by side in one run; `python -m bench --help`."""

@@ -1,0 +1,460 @@
+"""Tests for kldiv.discrete: references, properties, edges, transformations, accuracy.
+
+Every logits test runs against every implementation in ``kldiv.discrete.LOGIT_IMPLS``.
+"""
+
+from __future__ import annotations
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import optax
+import pytest
+import scipy.special
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import checkify
+
+import kldiv
+from kldiv.discrete import LOGIT_IMPLS
+
+IMPLS = [i for i in LOGIT_IMPLS if i != "auto"] + ["auto"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _dirichlet(rng, shape, alpha=1.0):
+    x = rng.gamma(alpha, size=shape)
+    return x / x.sum(-1, keepdims=True)
+
+
+def _ref_kl(p, q, axis=-1):
+    return scipy.special.rel_entr(np.asarray(p, np.float64), np.asarray(q, np.float64)).sum(axis)
+
+
+def _log_softmax64(x, axis=-1):
+    return scipy.special.log_softmax(np.asarray(x, np.float64), axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float64 references.
+
+
+@pytest.mark.parametrize("shape,axis", [((7,), -1), ((4, 5), -1), ((3, 6, 2), 1), ((5, 3), 0)])
+def test_kl_matches_scipy(shape, axis):
+    rng = _rng(1)
+    p = np.moveaxis(_dirichlet(rng, np.moveaxis(np.empty(shape), axis, -1).shape), -1, axis)
+    q = np.moveaxis(_dirichlet(rng, np.moveaxis(np.empty(shape), axis, -1).shape), -1, axis)
+    np.testing.assert_allclose(kldiv.kl(p, q, axis=axis), _ref_kl(p, q, axis), rtol=1e-12)
+    np.testing.assert_allclose(
+        kldiv.kl_from_log_probs(np.log(p), np.log(q), axis=axis), _ref_kl(p, q, axis), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+def test_kl_from_logits_matches_scipy(impl, axis):
+    rng = _rng(2)
+    a, b = rng.normal(size=(2, 6, 5, 9)) * 3
+    ref = _ref_kl(np.exp(_log_softmax64(a, axis)), np.exp(_log_softmax64(b, axis)), axis=axis)
+    np.testing.assert_allclose(kldiv.kl_from_logits(a, b, axis=axis, impl=impl), ref, rtol=1e-11)
+
+
+def test_float32_values_match_reference(impl):
+    rng = _rng(3)
+    a = rng.normal(size=(16, 300)).astype(np.float32) * 2
+    b = rng.normal(size=(16, 300)).astype(np.float32) * 2
+    ref = _ref_kl(np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b)))
+    out = kldiv.kl_from_logits(jnp.asarray(a), jnp.asarray(b), impl=impl)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties.
+
+_floats = st.floats(-20, 20, allow_nan=False, width=64)
+
+
+@st.composite
+def _logit_pairs(draw):
+    n = draw(st.integers(1, 3))
+    v = draw(st.integers(1, 12))
+    a = draw(hnp.arrays(np.float64, (n, v), elements=_floats))
+    b = draw(hnp.arrays(np.float64, (n, v), elements=_floats))
+    return a, b
+
+
+@settings(max_examples=25, deadline=None)
+@given(_logit_pairs())
+def test_nonnegative_and_zero_iff_equal(pair):
+    a, b = pair
+    out = np.asarray(kldiv.kl_from_logits(a, b, impl="xla"))
+    assert np.all(out >= 0)
+    assert np.all(np.asarray(kldiv.kl_from_logits(a, a, impl="xla")) == 0)
+    pa, pb = np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b))
+    differ = np.abs(pa - pb).max(-1) > 1e-6
+    assert np.all(out[differ] > 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_logit_pairs(), st.floats(-50, 50), st.floats(-50, 50))
+def test_logits_invariant_to_row_constant(pair, ca, cb):
+    a, b = pair
+    np.testing.assert_allclose(
+        kldiv.kl_from_logits(a + ca, b + cb, impl="xla"),
+        kldiv.kl_from_logits(a, b, impl="xla"),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(_logit_pairs())
+def test_three_input_spaces_agree(pair):
+    a, b = pair
+    lp, lq = _log_softmax64(a), _log_softmax64(b)
+    from_logits = kldiv.kl_from_logits(a, b, impl="xla")
+    np.testing.assert_allclose(kldiv.kl_from_log_probs(lp, lq), from_logits, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(kldiv.kl(np.exp(lp), np.exp(lq)), from_logits, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(_logit_pairs())
+def test_logits_gradient_is_softmax_difference(pair):
+    a, b = pair
+    ga, gb = jax.grad(lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y)), argnums=(0, 1))(a, b)
+    pa, pb = np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b))
+    np.testing.assert_allclose(gb, pb - pa, atol=1e-12)
+    # d/da: p·(log p − log q − KL), from the definition.
+    lr = _log_softmax64(a) - _log_softmax64(b)
+    ref_ga = pa * (lr - (pa * lr).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ga, ref_ga, atol=1e-10)
+
+
+def test_gradients_match_impls(impl):
+    rng = _rng(4)
+    a, b = rng.normal(size=(2, 5, 40)) * 2
+    f = lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl) * jnp.arange(1.0, 6.0))
+    g = lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl="xla") * jnp.arange(1.0, 6.0))
+    for got, want in zip(jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_grad_matches_finite_differences():
+    rng = _rng(5)
+    p, q = _dirichlet(rng, (2, 3, 6), alpha=20.0)  # entries far from 0 for finite differences
+    jax.test_util.check_grads(lambda x, y: kldiv.kl(x, y), (p, q), order=1, modes=["fwd", "rev"])
+    lp, lq = np.log(p), np.log(q)
+    jax.test_util.check_grads(kldiv.kl_from_log_probs, (lp, lq), order=1, modes=["fwd", "rev"])
+    a, b = rng.normal(size=(2, 3, 6))
+    jax.test_util.check_grads(
+        lambda x, y: kldiv.kl_from_logits(x, y, impl="xla"), (a, b), order=2, modes=["fwd", "rev"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Support edges.
+
+
+def test_zero_probabilities():
+    p = jnp.array([0.0, 0.5, 0.5, 0.0])
+    q = jnp.array([0.0, 0.5, 0.25, 0.25])
+    assert np.isclose(kldiv.kl(p, q), 0.5 * np.log(2))
+    assert kldiv.kl(p, p) == 0
+    # optax's composition returns NaN here; kldiv the true value.
+    assert np.isnan(optax.losses.kl_divergence(jnp.log(q), p))
+    gp, gq = jax.grad(lambda x, y: kldiv.kl(x, y), (0, 1))(p, q)
+    assert np.all(np.isfinite(gp)) and np.all(np.isfinite(gq))
+    np.testing.assert_allclose(gq, 1 - np.array([0.0, 1.0, 2.0, 0.0]))
+
+
+def test_support_mismatch_gives_inf_not_nan():
+    p = jnp.array([0.5, 0.5])
+    q = jnp.array([1.0, 0.0])
+    assert kldiv.kl(p, q) == np.inf
+    assert kldiv.kl_from_log_probs(jnp.log(p), jnp.log(q)) == np.inf
+    assert kldiv.kl_from_logits(jnp.array([0.0, 0.0]), jnp.array([0.0, -jnp.inf])) == np.inf
+    # the other direction is finite: q's zero is where p has mass... reversed.
+    assert np.isclose(kldiv.kl(q, p), np.log(2))
+
+
+def test_log_probs_neg_inf_edges():
+    lp = jnp.array([-jnp.inf, np.log(0.5), np.log(0.5)])
+    lq = jnp.array([-jnp.inf, np.log(0.25), np.log(0.75)])
+    ref = 0.5 * np.log(2) + 0.5 * np.log(0.5 / 0.75)
+    assert np.isclose(kldiv.kl_from_log_probs(lp, lq), ref)
+    g = jax.grad(lambda x, y: kldiv.kl_from_log_probs(x, y), (0, 1))(lp, lq)
+    assert all(np.all(np.isfinite(x)) for x in g)
+    np.testing.assert_allclose(g[1], np.array([0, 0.25, 0.75]) - np.array([0, 0.5, 0.5]))
+
+
+def test_masked_vocabulary_neg_inf_logits(impl):
+    a = jnp.array([[-jnp.inf, 1.0, 2.0, -jnp.inf], [0.5, -jnp.inf, 0.0, 3.0]])
+    b = jnp.array([[-jnp.inf, 0.0, 2.5, 1.0], [-1.0, -jnp.inf, 0.5, 2.0]])
+    ref = _ref_kl(np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b)))
+    val, grads = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl)), (0, 1)
+    )(a, b)
+    np.testing.assert_allclose(val, ref.sum(), rtol=1e-12)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_allclose(grads[1], np.exp(_log_softmax64(b)) - np.exp(_log_softmax64(a)))
+
+
+@pytest.mark.parametrize("space", ["probs", "log_probs", "logits"])
+def test_where_excludes_entries_whatever_they_hold(space, impl):
+    rng = _rng(6)
+    keep = np.array([[True, True, False, True, False]] * 3)
+    a, b = rng.normal(size=(2, 3, 5))
+    junk = np.where(keep, 0.0, np.array([np.nan, np.inf, -np.inf, np.nan, np.inf]))
+    if space == "logits":
+        fn = lambda x, y, w=None: kldiv.kl_from_logits(x, y, where=w, impl=impl)
+        x, y = a, b
+        ref_fn = lambda x, y: kldiv.kl_from_logits(
+            np.where(keep, x, -np.inf), np.where(keep, y, -np.inf), impl="xla"
+        )
+    else:
+        if impl != IMPLS[0]:
+            pytest.skip("impl only applies to logits")
+        p, q = np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b))
+        x, y = (p, q) if space == "probs" else (np.log(p), np.log(q))
+        fn = (
+            (lambda x, y, w=None: kldiv.kl(x, y, where=w))
+            if space == "probs"
+            else (lambda x, y, w=None: kldiv.kl_from_log_probs(x, y, where=w))
+        )
+        ref_fn = lambda x, y: np.sum(
+            np.where(
+                keep, scipy.special.kl_div(*(np.exp([x, y]) if space != "probs" else (x, y))), 0
+            ),
+            -1,
+        )
+    x_junk, y_junk = x + junk, y + junk
+    val = fn(x_junk, y_junk, keep)
+    np.testing.assert_allclose(val, ref_fn(x, y), rtol=1e-12)
+    grads = jax.grad(lambda u, v: jnp.sum(fn(u, v, keep)), (0, 1))(x_junk, y_junk)
+    for g in grads:
+        assert np.all(np.isfinite(g))
+        assert np.all(np.asarray(g)[~keep] == 0)
+
+
+def test_where_must_be_boolean_and_broadcast():
+    p = jnp.ones((2, 3)) / 3
+    with pytest.raises(TypeError, match="where"):
+        kldiv.kl(p, p, where=jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"\(4,\).*\(2, 3\)"):
+        kldiv.kl(p, p, where=jnp.ones((4,), bool))
+
+
+def test_empty_row_gives_zero(impl):
+    a = jnp.array([[0.0, 1.0], [0.0, 0.0]])
+    w = jnp.array([[True, True], [False, False]])
+    val, g = jax.value_and_grad(lambda x: jnp.sum(kldiv.kl_from_logits(x, x + 1, where=w)))(a)
+    assert np.isfinite(val) and val == 0
+    assert np.all(g == 0)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e20, 1e38])
+def test_huge_logits_finite(impl, scale):
+    a = jnp.array([[1.0, 0.0, -1.0, 0.5]], jnp.float32) * scale
+    b = jnp.array([[1.0, 0.5, -1.0, 0.0]], jnp.float32) * scale
+    val, grads = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl)), (0, 1)
+    )(a, b)
+    assert np.isfinite(val) and val >= 0
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    # Opposite extremes: p and q put their mass on different ends of ±3e38 logits.
+    c = jnp.array([[3e38, 0.0]], jnp.float32)
+    d = jnp.array([[-3e38, -3e38]], jnp.float32)
+    np.testing.assert_allclose(kldiv.kl_from_logits(c, d, impl=impl), [np.log(2)], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature, broadcasting, dtypes.
+
+
+def test_temperature(impl):
+    rng = _rng(7)
+    a, b = rng.normal(size=(2, 4, 10))
+    np.testing.assert_allclose(
+        kldiv.kl_from_logits(a, b, temperature=2.5, impl=impl),
+        kldiv.kl_from_logits(a / 2.5, b / 2.5, impl="xla"),
+        rtol=1e-12,
+    )
+    g = jax.grad(lambda y: jnp.sum(kldiv.kl_from_logits(a, y, temperature=2.5, impl=impl)))(b)
+    np.testing.assert_allclose(
+        g, (np.exp(_log_softmax64(b / 2.5)) - np.exp(_log_softmax64(a / 2.5))) / 2.5, atol=1e-12
+    )
+    for bad in (0, -1.0, 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            kldiv.kl_from_logits(a, b, temperature=bad)
+    # traced temperatures (annealing schedules) are accepted.
+    jax.jit(lambda t: kldiv.kl_from_logits(a, b, temperature=t, impl=impl))(2.0)
+
+
+def test_broadcast_one_row_against_batch(impl):
+    rng = _rng(8)
+    prior = rng.normal(size=(9,))
+    batch = rng.normal(size=(4, 9))
+    out = kldiv.kl_from_logits(prior, batch, impl=impl)
+    assert out.shape == (4,)
+    for i in range(4):
+        np.testing.assert_allclose(out[i], kldiv.kl_from_logits(prior, batch[i], impl="xla"))
+    p = _dirichlet(rng, (9,))
+    assert kldiv.kl(p, _dirichlet(rng, (3, 9))).shape == (3,)
+    with pytest.raises(ValueError, match=r"`logits_p` \(4, 9\).*`logits_q` \(3, 9\)"):
+        kldiv.kl_from_logits(batch, rng.normal(size=(3, 9)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(impl, dtype):
+    rng = _rng(9)
+    a = jnp.asarray(rng.normal(size=(3, 2000)), dtype)
+    b = jnp.asarray(rng.normal(size=(3, 2000)), dtype)
+    out = kldiv.kl_from_logits(a, b, impl=impl)
+    assert out.dtype == jnp.float32
+    ref = _ref_kl(
+        np.exp(_log_softmax64(np.asarray(a, np.float64))),
+        np.exp(_log_softmax64(np.asarray(b, np.float64))),
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    p = jax.nn.softmax(a.astype(jnp.float32)).astype(dtype)
+    assert kldiv.kl(p, p).dtype == jnp.float32
+    g = jax.grad(lambda y: jnp.sum(kldiv.kl_from_logits(a, y, impl=impl)))(b)
+    assert g.dtype == dtype
+
+
+def test_float64_stays_float64():
+    p = np.array([0.2, 0.8])
+    assert kldiv.kl(p, p[::-1]).dtype == jnp.float64
+    assert kldiv.kl_from_logits(p, p[::-1]).dtype == jnp.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations: jit, vmap, grad agree with eager.
+
+
+def test_jit_vmap_agree_with_eager(impl):
+    rng = _rng(10)
+    a, b = rng.normal(size=(2, 3, 4, 11))
+    f = lambda x, y: kldiv.kl_from_logits(x, y, impl=impl)
+    eager = f(a, b)
+    np.testing.assert_allclose(jax.jit(f)(a, b), eager, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(f)(a, b), eager, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(f, in_axes=(None, 0))(a[0], b), f(a[0][None], b))
+    g_eager = jax.grad(lambda x: jnp.sum(f(x, b)))(a)
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(f(x, b))))(a), g_eager)
+    p, q = _dirichlet(rng, (2, 5, 7))
+    np.testing.assert_allclose(jax.jit(kldiv.kl)(p, q), kldiv.kl(p, q), rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(kldiv.kl)(p, q), kldiv.kl(p, q), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch parity (F.kl_div with log_target=True; torch takes the model's log-probs first).
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_torch_parity(reduction):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = _rng(11)
+    a, b = rng.normal(size=(2, 6, 13))
+    ta = torch.tensor(a, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True)
+    want = F.kl_div(
+        F.log_softmax(tb, -1), F.log_softmax(ta, -1), log_target=True, reduction=reduction
+    )
+    want.backward()
+
+    def ours(x, y):
+        return kldiv.reduce(kldiv.kl_from_logits(x, y), reduction)
+
+    got, (ga, gb) = jax.value_and_grad(ours, (0, 1))(a, b)
+    np.testing.assert_allclose(got, want.item(), rtol=1e-12)
+    np.testing.assert_allclose(ga, ta.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(gb, tb.grad.numpy(), atol=1e-12)
+    lp, lq = _log_softmax64(a), _log_softmax64(b)
+    np.testing.assert_allclose(
+        kldiv.reduce(kldiv.kl_from_log_probs(lp, lq), reduction), want.item(), rtol=1e-12
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy when p ≈ q (the regime of late distillation and RL penalties).
+
+
+def _near_pair(n=256, v=1000, eps=1.4e-4, seed=12):
+    rng = _rng(seed)
+    a = (2.0 * rng.standard_normal((n, v))).astype(np.float32)
+    b = (a + eps * rng.standard_normal((n, v))).astype(np.float32)
+    ref = _ref_kl(np.exp(_log_softmax64(a)), np.exp(_log_softmax64(b)))
+    return a, b, ref
+
+
+def test_accuracy_target_near_equal(impl):
+    a, b, ref = _near_pair()
+    assert 3e-9 < np.median(ref) < 3e-8  # KL ≈ 1e-8
+    out = np.asarray(jax.jit(lambda x, y: kldiv.kl_from_logits(x, y, impl=impl))(a, b))
+    assert np.all(out >= 0)
+    assert np.median(np.abs(out - ref) / ref) <= 1e-3
+
+
+def test_textbook_formula_fails_the_same_target():
+    """Shows the accuracy test can fail: optax's float32 composition misses it by far."""
+    a, b, ref = _near_pair()
+    lp, lq = jax.nn.log_softmax(jnp.asarray(a)), jax.nn.log_softmax(jnp.asarray(b))
+    textbook = np.asarray(optax.losses.kl_divergence_with_log_targets(lq, lp))
+    assert np.median(np.abs(textbook - ref) / ref) > 0.1
+    assert np.any(textbook < 0)
+
+
+def test_probability_space_stays_nonnegative_near_equal():
+    a, b, _ = _near_pair(n=64)
+    p = jax.nn.softmax(jnp.asarray(a))
+    q = jax.nn.softmax(jnp.asarray(b))
+    assert np.all(np.asarray(kldiv.kl(p, q)) >= 0)
+    assert np.all(np.asarray(kldiv.kl_from_log_probs(jnp.log(p), jnp.log(q))) >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_messages():
+    p = jnp.ones((2, 3)) / 3
+    with pytest.raises(TypeError, match="int32"):
+        kldiv.kl(jnp.ones((2, 3), jnp.int32), p)
+    with pytest.raises(TypeError, match="`logits_q`.*int"):
+        kldiv.kl_from_logits(p, jnp.ones((2, 3), int))
+    with pytest.raises(ValueError, match=r"`log_p` \(2, 3\).*`log_q` \(2, 4\)"):
+        kldiv.kl_from_log_probs(p, jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="axis"):
+        kldiv.kl(p, p, axis=2)
+    with pytest.raises(ValueError, match="impl"):
+        kldiv.kl_from_logits(p, p, impl="cuda")
+
+
+def test_checkify_validation():
+    good = jnp.array([[0.25, 0.75]])
+    bad = jnp.array([[0.5, 0.75]])
+    f = checkify.checkify(lambda p, q: kldiv.kl(kldiv.validate_probs(p), q))
+    err, _ = jax.jit(f)(good, good)
+    err.throw()
+    err, _ = jax.jit(f)(bad, good)
+    with pytest.raises(checkify.JaxRuntimeError, match="does not sum to 1"):
+        err.throw()
+    err, _ = jax.jit(f)(jnp.array([[-0.25, 1.25]]), good)
+    with pytest.raises(checkify.JaxRuntimeError, match="negative"):
+        err.throw()
+    g = checkify.checkify(lambda lp: kldiv.validate_log_probs(lp))
+    err, _ = g(jnp.log(bad))
+    with pytest.raises(checkify.JaxRuntimeError, match="sum to 1"):
+        err.throw()
