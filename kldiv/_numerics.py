@@ -55,6 +55,11 @@ def log_ratio_probs(p: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.where(close, near, far)
 
 
+def psum(x: jax.Array, axis_name=None) -> jax.Array:
+    """``jax.lax.psum`` over ``axis_name``, or ``x`` itself when it is None."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
 def two_diff(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Error-free a − b = hi + lo (Knuth's TwoSum); lo = 0 where hi is not finite."""
     hi = a - b
@@ -63,21 +68,27 @@ def two_diff(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi, jnp.where(jnp.isfinite(hi), lo, jnp.zeros_like(lo))
 
 
-def safe_max(x: jax.Array, axis: int = -1) -> jax.Array:
-    """Row maximum with empty (all −inf) rows mapped to 0 so that x − max stays −inf, not NaN."""
+def safe_max(x: jax.Array, axis: int = -1, axis_name=None) -> jax.Array:
+    """Row maximum with empty (all −inf) rows mapped to 0 so that x − max stays −inf, not NaN.
+
+    With ``axis_name`` the maximum is taken across the shards of that mapped axis as well.
+    """
     m = jnp.max(x, axis=axis, keepdims=True)
+    if axis_name is not None:
+        m = jax.lax.pmax(m, axis_name)
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
-def logits_stats(a: jax.Array, b: jax.Array):
+def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
     """Per-row statistics of two logit rows along the last axis.
 
     Returns (ma, mb, sa, sb): row maxima (0 for empty rows) and Σ exp(· − max) (1 for empty rows,
-    where every entry is −inf, so probabilities come out 0).
+    where every entry is −inf, so probabilities come out 0). With ``axis_name`` the last axis is
+    a shard of a vocabulary split over that mapped axis, and the statistics are global.
     """
-    ma, mb = safe_max(a), safe_max(b)
-    sa = jnp.sum(jnp.exp(a - ma), axis=-1, keepdims=True)
-    sb = jnp.sum(jnp.exp(b - mb), axis=-1, keepdims=True)
+    ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
+    sa = psum(jnp.sum(jnp.exp(a - ma), axis=-1, keepdims=True), axis_name)
+    sb = psum(jnp.sum(jnp.exp(b - mb), axis=-1, keepdims=True), axis_name)
     sa = jnp.where(sa > 0, sa, jnp.ones_like(sa))
     sb = jnp.where(sb > 0, sb, jnp.ones_like(sb))
     return ma, mb, sa, sb

@@ -23,11 +23,13 @@ float64 stays float64 (with ``jax_enable_x64``).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kldiv import _checks
-from kldiv._numerics import kl_terms, log_ratio_probs, logits_stats, logits_terms
+from kldiv._numerics import kl_terms, log_ratio_probs, logits_stats, logits_terms, psum
 
 __all__ = ["LOGIT_IMPLS", "kl", "kl_from_log_probs", "kl_from_logits", "prepare_pair"]
 
@@ -101,21 +103,21 @@ def _kl_log_probs_jvp(primals, tangents):
     return out, jnp.sum(glp * dlp + (q - p) * dlq, axis=-1)
 
 
-@jax.custom_jvp
-def _kl_logits_core(a, b):
-    p, q, x = logits_terms(a, b, *logits_stats(a, b))
-    return jnp.sum(kl_terms(p, q, x), axis=-1)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _kl_logits_core(a, b, axis_name=None):
+    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
+    return psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
 
 
 @_kl_logits_core.defjvp
-def _kl_logits_jvp(primals, tangents):
+def _kl_logits_jvp(axis_name, primals, tangents):
     a, b = primals
     da, db = tangents
-    p, q, x = logits_terms(a, b, *logits_stats(a, b))
-    out = jnp.sum(kl_terms(p, q, x), axis=-1)
+    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
+    out = psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
     # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
     ga = jnp.where(p > 0, p * (jnp.where(p > 0, x, 0) - out[..., None]), 0)
-    return out, jnp.sum(ga * da + (q - p) * db, axis=-1)
+    return out, psum(jnp.sum(ga * da + (q - p) * db, axis=-1), axis_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +218,7 @@ def kl_from_logits(
     where: jax.Array | None = None,
     temperature: float | jax.Array = 1.0,
     impl: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """KL(softmax(logits_p / T) ‖ softmax(logits_q / T)), along ``axis``.
 
@@ -240,6 +243,10 @@ def kl_from_logits(
       impl: which implementation computes it; every one has the semantics above and passes the
         same tests. ``"xla"``: plain XLA ops with a closed-form JVP (supports forward mode).
         ``"auto"`` (default) picks per backend and shape; see ``LOGIT_IMPLS``.
+      axis_name: tensor-parallel logits: inside ``shard_map`` with the event (vocabulary) axis
+        split over this mapped axis, each shard passes its slice of both logits; the row maxima,
+        normalisers and the sum are combined across shards (``pmax``/``psum``), so every shard
+        returns the global KL and gradients equal the unsharded computation. Uses ``"xla"``.
 
     Returns:
       KL per example (float32 for 16-bit inputs, else the input dtype). Entries with p = 0
@@ -259,6 +266,12 @@ def kl_from_logits(
     if impl not in LOGIT_IMPLS:
         raise ValueError(f"kldiv: unknown impl {impl!r}; allowed: " + ", ".join(LOGIT_IMPLS))
     a, b = prepare_logits(logits_p, logits_q, axis, where, temperature)
+    if axis_name is not None:
+        if impl not in ("xla", "auto"):
+            raise ValueError(
+                f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
+            )
+        return _kl_logits_core(a, b, axis_name)
     if impl in ("xla", "auto"):
-        return _kl_logits_core(a, b)
+        return _kl_logits_core(a, b, None)
     raise AssertionError(impl)
