@@ -8,6 +8,7 @@ examples is always explicit, through :func:`kldiv.reduce`. Argument order is mat
 from kldiv._checks import validate_log_probs, validate_probs
 from kldiv.discrete import kl, kl_from_log_probs, kl_from_logits
 from kldiv.reductions import REDUCTIONS, count_kept, reduce
+from kldiv.topk import kl_topk_teacher, validate_topk_ids
 
 __version__ = "0.1.0"
 
@@ -17,7 +18,9 @@ __all__ = [
     "kl",
     "kl_from_log_probs",
     "kl_from_logits",
+    "kl_topk_teacher",
     "reduce",
     "validate_log_probs",
     "validate_probs",
+    "validate_topk_ids",
 ]

@@ -1,0 +1,174 @@
+"""KL against a top-k (sparse) teacher: offline distillation from stored top-k log-probabilities.
+
+Teachers served or stored offline give, per position, only their k most likely token ids and
+those tokens' log-probabilities (under the full teacher distribution, so Σ_k e^{lp} ≤ 1). The
+student has full logits. Two exact readings of "KL against a top-k teacher":
+
+``tail="renormalize"``
+    p̃ = teacher renormalised over its k ids, q̃ = student restricted to the same ids and
+    renormalised: KL(p̃ ‖ q̃) = ``kl_from_logits(teacher_log_probs, student_logits[ids])`` over
+    the k axis. Ignores where the student puts mass outside the k ids.
+
+``tail="bucket"``
+    The coarsened distributions over k + 1 bins: the k ids plus one tail bin holding the rest,
+    P_tail = 1 − Σ_k p_i (computed as log1mexp(logsumexp(lp))) and Q_tail = the student's mass
+    outside the k ids. This is the exact KL of the coarsened pair, so it also pushes the student's
+    mass outside the k ids towards the teacher's tail mass.
+
+Memory beyond the student logits is O(N·k) plus per-row scalars: the student's logsumexp over the
+vocabulary is a reduction, and the tail mass is Σ_all − Σ_k of the same centred exponentials.
+That difference resolves the student's tail to about 1e-7 of its row in float32; where the
+teacher's tail is positive and the student's is below that resolution it is taken at the
+resolution (never 0), so the value stays finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from kldiv import _checks
+from kldiv.discrete import kl_from_log_probs, kl_from_logits
+from kldiv.reductions import reduce
+
+__all__ = ["kl_topk_teacher", "validate_topk_ids"]
+
+TAILS = ("renormalize", "bucket")
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 − e^x) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012)."""
+    x = jnp.minimum(x, 0)
+    far = x < -0.6931471805599453
+    return jnp.where(
+        far,
+        jnp.log1p(-jnp.exp(jnp.where(far, x, -1.0))),
+        jnp.log(-jnp.expm1(jnp.where(far, -1.0, x))),
+    )
+
+
+def validate_topk_ids(teacher_ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Runtime check (opt-in, under ``checkify``) that ids are in range and distinct per row.
+
+    Records a checkify error if any id is outside [0, vocab_size) or repeats within its row;
+    returns ``teacher_ids`` unchanged. Use inside jit as::
+
+        f = checkify.checkify(lambda ids, lp, s: kldiv.kl_topk_teacher(
+            kldiv.validate_topk_ids(ids, s.shape[-1]), lp, s))
+        err, value = jax.jit(f)(ids, lp, s); err.throw()
+    """
+    checkify.check(
+        jnp.all((teacher_ids >= 0) & (teacher_ids < vocab_size)),
+        f"kldiv: `teacher_ids` has ids outside [0, {vocab_size}).",
+    )
+    srt = jnp.sort(teacher_ids, axis=-1)
+    checkify.check(
+        jnp.all(srt[..., 1:] != srt[..., :-1]),
+        "kldiv: `teacher_ids` repeats an id within a row; top-k ids must be distinct.",
+    )
+    return teacher_ids
+
+
+def kl_topk_teacher(
+    teacher_ids: jax.Array,
+    teacher_log_probs: jax.Array,
+    student_logits: jax.Array,
+    *,
+    tail: str,
+    temperature: float | jax.Array = 1.0,
+    where: jax.Array | None = None,
+    reduction: str | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """KL(teacher ‖ student) with a top-k teacher, per position (or reduced).
+
+    Args:
+      teacher_ids: int ``[..., k]``, the teacher's top-k token ids (distinct, in [0, V)).
+      teacher_log_probs: float ``[..., k]``, the teacher's log-probabilities of those ids under
+        its full distribution (Σ_k exp ≤ 1; −inf allowed). Compute them at the temperature you
+        distil at (for ``"renormalize"``, dividing stored T = 1 log-probs by T is exact).
+      student_logits: float ``[..., V]``, the student's full logits.
+      tail: ``"renormalize"`` or ``"bucket"`` (no default; see the module docstring).
+      temperature: T > 0 dividing the student logits.
+      where: optional boolean ``[..., k]``: False marks padding slots (fewer than k ids at a
+        position); they are left out of both distributions.
+      reduction: optional; when given, the per-position values are aggregated with
+        :func:`kldiv.reduce` (``mask`` is its token mask). None returns per-position values.
+      mask: token keep-mask for ``reduction``.
+
+    Returns:
+      ``[...]`` per-position KL (float32 for 16-bit inputs), or the reduced scalar. Gradients flow
+      to ``student_logits`` (dense [..., V]) and ``teacher_log_probs``. With k = V (all ids) and
+      either tail this equals ``kl_from_logits(teacher_logits, student_logits)``.
+
+    Raises:
+      TypeError: non-integer ids, non-floating log-probs/logits.
+      ValueError: ids and log-probs of different shapes; leading shapes that differ from the
+        student's; unknown ``tail``; a Python temperature ≤ 0.
+
+    References:
+      Hinton et al. (2015); sparse/top-k logit distillation as in Raman et al. (2023),
+      "For distillation, tokens are not all you need"; log1mexp: Mächler (2012).
+    """
+    if tail not in TAILS:
+        raise ValueError(f"kldiv: unknown tail {tail!r}; allowed: 'renormalize', 'bucket'.")
+    teacher_ids = jnp.asarray(teacher_ids)
+    if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
+        raise TypeError(f"kldiv: `teacher_ids` must be integer; got dtype {teacher_ids.dtype}.")
+    _checks.check_floating("teacher_log_probs", teacher_log_probs)
+    _checks.check_floating("student_logits", student_logits)
+    _checks.check_temperature(temperature)
+    lp = jnp.asarray(teacher_log_probs)
+    s = jnp.asarray(student_logits)
+    if teacher_ids.shape != lp.shape:
+        raise ValueError(
+            f"kldiv: `teacher_ids` {teacher_ids.shape} and `teacher_log_probs` {lp.shape} must "
+            "have the same shape [..., k]."
+        )
+    if teacher_ids.shape[:-1] != s.shape[:-1]:
+        raise ValueError(
+            f"kldiv: leading shapes differ: `teacher_ids` {teacher_ids.shape} vs "
+            f"`student_logits` {s.shape}; expected [..., k] and [..., V] with the same [...]."
+        )
+    dtype = _checks.compute_dtype(lp, s)
+    lp, s = lp.astype(dtype), s.astype(dtype)
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        s = s / jnp.asarray(temperature, dtype)
+    if where is not None:
+        where = _checks.check_where(where, lp.shape)
+        lp = jnp.where(where, lp, -jnp.inf)
+
+    s_k = jnp.take_along_axis(s, teacher_ids, axis=-1)
+    if where is not None:
+        s_k = jnp.where(where, s_k, -jnp.inf)
+
+    if tail == "renormalize":
+        values = kl_from_logits(lp, s_k, impl="xla")
+    else:
+        # Student: log q_i = s_i − L over the k ids; tail from the same centred exponentials.
+        m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0)
+        total = jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True)
+        top = jnp.sum(jnp.exp(s_k - m), axis=-1, keepdims=True)
+        log_q = s_k - m - jnp.log(total)
+        # Teacher tail: log(1 − Σ_k p) via log1mexp of the (≤ 0) logsumexp.
+        lse_p = jax.nn.logsumexp(lp, axis=-1, keepdims=True)
+        lse_p = jnp.where(jnp.isfinite(lse_p), lse_p, -jnp.inf)
+        log_p_tail = _log1mexp(lse_p)
+        resolution = jnp.finfo(dtype).eps * total
+        tail_mass = total - top
+        tail_mass = jnp.where(
+            log_p_tail > -jnp.inf, jnp.maximum(tail_mass, resolution), jnp.maximum(tail_mass, 0)
+        )
+        safe = jnp.where(tail_mass > 0, tail_mass, 1)
+        log_q_tail = jnp.where(tail_mass > 0, jnp.log(safe) - jnp.log(total), -jnp.inf)
+        values = kl_from_log_probs(
+            jnp.concatenate([lp, log_p_tail], axis=-1),
+            jnp.concatenate([log_q, log_q_tail], axis=-1),
+        )
+    if reduction is None:
+        if mask is not None:
+            raise ValueError("kldiv: `mask` applies with `reduction`; pass reduction= as well.")
+        return values
+    return reduce(values, reduction, mask=mask)

@@ -1,0 +1,170 @@
+"""Tests for kldiv.topk: top-k teacher KL against dense float64 references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from jax.experimental import checkify
+
+import kldiv
+from kldiv.topk import kl_topk_teacher, validate_topk_ids
+
+
+def _case(n=4, v=50, k=8, seed=0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=(n, v)) * scale
+    s = rng.normal(size=(n, v)) * scale
+    lpt = scipy.special.log_softmax(t, -1)
+    ids = np.argsort(-lpt, -1)[:, :k]
+    return ids, np.take_along_axis(lpt, ids, -1), s, lpt
+
+
+def _ref(ids, lp, s, tail):
+    """Dense float64 reference written from the definitions."""
+    out = []
+    for i in range(ids.shape[0]):
+        q = scipy.special.softmax(s[i])
+        p_k = np.exp(lp[i])
+        q_k = q[ids[i]]
+        if tail == "renormalize":
+            p_, q_ = p_k / p_k.sum(), q_k / q_k.sum()
+        else:
+            rest = np.ones_like(q, bool)
+            rest[ids[i]] = False
+            p_ = np.append(p_k, 1 - p_k.sum())
+            q_ = np.append(q_k, q[rest].sum())
+        out.append(scipy.special.rel_entr(p_, q_).sum())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_matches_dense_reference(tail):
+    ids, lp, s, _ = _case()
+    np.testing.assert_allclose(
+        kl_topk_teacher(ids, lp, s, tail=tail), _ref(ids, lp, s, tail), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_k_equal_v_reproduces_kl_from_logits(tail):
+    rng = np.random.default_rng(1)
+    t, s = rng.normal(size=(2, 3, 20)) * 2
+    ids = np.stack([rng.permutation(20) for _ in range(3)])
+    lp = np.take_along_axis(scipy.special.log_softmax(t, -1), ids, -1)
+    want = kldiv.kl_from_logits(t, s)
+    np.testing.assert_allclose(kl_topk_teacher(ids, lp, s, tail=tail), want, rtol=1e-12)
+    g = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, tail=tail)))(s)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(kldiv.kl_from_logits(t, x)))(s))
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_gradient_matches_reference_autodiff(tail):
+    ids, lp, s, _ = _case(seed=2)
+
+    def dense(x):  # the same quantity from dense softmax, differentiated by plain autodiff
+        lq = jax.nn.log_softmax(x, -1)
+        lq_k = jnp.take_along_axis(lq, ids, -1)
+        if tail == "renormalize":
+            lp_ = lp - jax.nn.logsumexp(lp, -1, keepdims=True)
+            lq_ = lq_k - jax.nn.logsumexp(lq_k, -1, keepdims=True)
+        else:
+            lp_ = jnp.concatenate([lp, jnp.log1p(-jnp.exp(lp).sum(-1, keepdims=True))], -1)
+            q_tail = 1 - jnp.exp(lq_k).sum(-1, keepdims=True)
+            lq_ = jnp.concatenate([lq_k, jnp.log(q_tail)], -1)
+        return jnp.sum(jnp.exp(lp_) * (lp_ - lq_))
+
+    got = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, tail=tail)))(s)
+    np.testing.assert_allclose(got, jax.grad(dense)(s), rtol=1e-9, atol=1e-12)
+
+
+def test_where_padding_slots_and_temperature():
+    ids, lp, s, _ = _case(seed=3)
+    keep = np.ones_like(ids, bool)
+    keep[:, 5:] = False
+    junk_ids = np.where(keep, ids, 0)
+    junk_lp = np.where(keep, lp, np.nan)
+    for tail in ("renormalize", "bucket"):
+        got = kl_topk_teacher(junk_ids, junk_lp, s, tail=tail, where=keep, temperature=2.0)
+        want = _ref(ids[:, :5], lp[:, :5], s / 2.0, tail)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        g = jax.grad(
+            lambda x, tail=tail: jnp.sum(
+                kl_topk_teacher(junk_ids, junk_lp, x, tail=tail, where=keep, temperature=2.0)
+            )
+        )(s)
+        assert np.all(np.isfinite(g))
+
+
+def test_reduction_and_mask():
+    ids, lp, s, _ = _case(seed=4)
+    mask = np.array([True, False, True, True])
+    vals = kl_topk_teacher(ids, lp, s, tail="bucket")
+    np.testing.assert_allclose(
+        kl_topk_teacher(ids, lp, s, tail="bucket", reduction="mean", mask=mask),
+        vals[mask].mean(),
+    )
+
+
+def test_tiny_student_tail_stays_finite_float32():
+    # the student puts essentially all its mass on the k ids; the teacher keeps some tail mass.
+    v, k = 1000, 4
+    s = np.full((1, v), -40.0, np.float32)
+    s[0, :k] = 10.0
+    ids = np.arange(k)[None]
+    lp = np.log(np.full((1, k), 0.2475, np.float32))
+    val, g = jax.value_and_grad(
+        lambda x: jnp.sum(kl_topk_teacher(ids, jnp.asarray(lp), x, tail="bucket"))
+    )(jnp.asarray(s))
+    assert np.isfinite(val) and val > 0 and np.all(np.isfinite(g))
+
+
+def test_no_dense_float32_temporaries_in_forward():
+    n, v, k = 256, 32768, 32
+    ids = jnp.zeros((n, k), jnp.int32) + jnp.arange(k)
+    lp = jnp.full((n, k), -4.0, jnp.float32)
+    s = jnp.zeros((n, v), jnp.float32)
+    for tail in ("renormalize", "bucket"):
+        compiled = (
+            jax.jit(lambda a, b, c, tail=tail: kl_topk_teacher(a, b, c, tail=tail))
+            .lower(ids, lp, s)
+            .compile()
+        )
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < n * v * 4 / 8, (tail, temp)
+
+
+def test_bf16_student_accumulates_in_float32():
+    ids, lp, s, _ = _case(seed=5)
+    out = kl_topk_teacher(ids, lp.astype(np.float32), jnp.asarray(s, jnp.bfloat16), tail="bucket")
+    assert out.dtype == jnp.float32
+
+
+def test_errors():
+    ids, lp, s, _ = _case()
+    with pytest.raises(ValueError, match="tail"):
+        kl_topk_teacher(ids, lp, s, tail="drop")
+    with pytest.raises(TypeError, match="teacher_ids"):
+        kl_topk_teacher(ids.astype(float), lp, s, tail="bucket")
+    with pytest.raises(ValueError, match=r"\(4, 8\).*\(4, 7\)"):
+        kl_topk_teacher(ids, lp[:, :7], s, tail="bucket")
+    with pytest.raises(ValueError, match="leading shapes"):
+        kl_topk_teacher(ids, lp, s[:3], tail="bucket")
+    with pytest.raises(ValueError, match="temperature"):
+        kl_topk_teacher(ids, lp, s, tail="bucket", temperature=0.0)
+    f = jax.jit(
+        checkify.checkify(
+            lambda i, l, x: kl_topk_teacher(validate_topk_ids(i, x.shape[-1]), l, x, tail="bucket")
+        )
+    )
+    f(ids, lp, s)[0].throw()
+    dup = ids.copy()
+    dup[0, 1] = dup[0, 0]
+    with pytest.raises(checkify.JaxRuntimeError, match="repeats"):
+        f(dup, lp, s)[0].throw()
+    bad = ids.copy()
+    bad[1, 0] = 50
+    with pytest.raises(checkify.JaxRuntimeError, match="outside"):
+        f(bad, lp, s)[0].throw()
