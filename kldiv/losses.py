@@ -1,0 +1,197 @@
+"""Training losses: optax drop-ins and losses with an explicit ``reduction=``.
+
+Drop-ins (optax's exact signatures and argument order, model first):
+
+* :func:`kl_divergence` ``(log_predictions, targets, axis=-1, where=None)``
+* :func:`kl_divergence_with_log_targets` ``(log_predictions, log_targets, axis=-1, where=None)``
+
+They return what optax returns wherever optax's value is finite, and the true value where optax
+returns NaN on valid input (an entry where target and prediction are both zero). Swap
+``optax.losses.`` for ``kldiv.losses.`` and nothing else changes.
+
+Training losses (each takes ``reduction=`` with no default, see :func:`kldiv.reduce`):
+
+* :func:`distillation_loss` — teacher/student logits, temperature (optional Hinton T² scaling),
+  ignored-token mask, forward / reverse / generalised-JSD direction.
+* :func:`kldiv.vae.vae_kl_loss` re-exported here — the Gaussian VAE KL term (dataset scaling,
+  β, free bits).
+* :func:`rl_kl_penalty` — KL penalty from per-token log-probabilities of sampled tokens
+  (the k1/k2/k3 estimators of :mod:`kldiv.estimators`).
+
+Static arguments: reduction names, directions, estimators, ``axis`` and Python-number
+temperatures/β are configuration; under ``jax.jit`` close over them (or mark them static) and a
+train step with fixed shapes compiles once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kldiv import _checks
+from kldiv._numerics import kl_terms
+from kldiv.discrete import kl_from_logits
+from kldiv.reductions import reduce
+
+__all__ = [
+    "distillation_loss",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
+]
+
+DIRECTIONS = ("forward", "reverse", "jsd")
+
+
+def _event_last(x: jax.Array, axis: int | Sequence[int] | None) -> jax.Array:
+    """Moves ``axis`` (an int, a tuple of ints, or None for all) to one trailing event axis."""
+    if axis is None:
+        axis = tuple(range(x.ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    axis = tuple(_checks.check_axis(a, x.ndim) for a in axis)
+    if len(set(axis)) != len(axis):
+        raise ValueError(f"kldiv: `axis` repeats an axis: {axis}.")
+    x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    return x.reshape(*x.shape[: x.ndim - len(axis)], -1)
+
+
+def _optax_style(log_p, p, log_q, where, axis):
+    """Σ p (log p − log q) (optax's value), as non-negative terms plus the Σ(p − q) residual."""
+    shape = _checks.broadcast_shapes(("log_targets", "log_predictions"), (log_p.shape, log_q.shape))
+    dtype = _checks.compute_dtype(log_p, log_q)
+    log_p = jnp.broadcast_to(log_p.astype(dtype), shape)
+    p = jnp.broadcast_to(p.astype(dtype), shape)
+    log_q = jnp.broadcast_to(log_q.astype(dtype), shape)
+    if where is not None:
+        where = _checks.check_where(where, shape)
+        p = jnp.where(where, p, 0)
+        log_p = jnp.where(where, log_p, -jnp.inf)
+        log_q = jnp.where(where, log_q, -jnp.inf)
+    both = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    x = jnp.where(both, 0, log_p - log_q)
+    q = jnp.exp(log_q)
+    terms = kl_terms(p, q, x) + (p - q)
+    return jnp.sum(_event_last(terms, axis), axis=-1)
+
+
+def kl_divergence(
+    log_predictions: jax.Array,
+    targets: jax.Array,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.Array | None = None,
+) -> jax.Array:
+    """Drop-in for ``optax.losses.kl_divergence``: Σ targets·(log targets − log_predictions).
+
+    Note the optax argument order: the model's log-probabilities first, the target
+    probabilities second. This is KL(targets ‖ predictions).
+
+    Args:
+      log_predictions: the model's log-probabilities, ``[..., dim]``.
+      targets: target probabilities, broadcastable against ``log_predictions``.
+      axis: axis or axes summed over (None: all).
+      where: optional boolean mask of entries to include.
+
+    Returns:
+      optax's value wherever it is finite; at entries where target and prediction are both 0
+      (optax: NaN) the entry contributes its true value 0. Gradients are finite wherever the value
+      is (d/dlog_predictions = −targets, as optax).
+    """
+    _checks.check_floating("log_predictions", log_predictions)
+    _checks.check_floating("targets", targets)
+    targets = jnp.asarray(targets)
+    safe = jnp.where(targets > 0, targets, 1)
+    log_t = jnp.where(targets > 0, jnp.log(safe), -jnp.inf)
+    return _optax_style(log_t, targets, jnp.asarray(log_predictions), where, axis)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: jax.Array,
+    log_targets: jax.Array,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.Array | None = None,
+) -> jax.Array:
+    """Drop-in for ``optax.losses.kl_divergence_with_log_targets``.
+
+    Σ exp(log_targets)·(log_targets − log_predictions) along ``axis``: KL(targets ‖ predictions),
+    model first as in optax. Same values as optax wherever optax is finite; entries with both
+    log-probabilities −inf contribute 0 instead of NaN.
+    """
+    _checks.check_floating("log_predictions", log_predictions)
+    _checks.check_floating("log_targets", log_targets)
+    log_targets = jnp.asarray(log_targets)
+    return _optax_style(
+        log_targets, jnp.exp(log_targets), jnp.asarray(log_predictions), where, axis
+    )
+
+
+def distillation_loss(
+    teacher_logits: jax.Array,
+    student_logits: jax.Array,
+    *,
+    reduction: str,
+    mask: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    scale_by_temperature_squared: bool = False,
+    direction: str = "forward",
+    beta: float = 0.5,
+    where: jax.Array | None = None,
+    stop_teacher_gradient: bool = True,
+    impl: str = "auto",
+) -> jax.Array:
+    """Knowledge-distillation loss between teacher and student logits.
+
+    Per token, with p = softmax(teacher/T), q = softmax(student/T):
+
+    * ``"forward"``: KL(p ‖ q) (mode-covering; Hinton et al. 2015);
+    * ``"reverse"``: KL(q ‖ p) (mode-seeking; Gu et al. 2024, MiniLLM);
+    * ``"jsd"``: the generalised Jensen–Shannon divergence
+      β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), m = βp + (1 − β)q (Agarwal et al. 2024, GKD);
+
+    then ``kldiv.reduce(values, reduction, mask=mask)``, times T² when
+    ``scale_by_temperature_squared`` (Hinton et al.'s factor, which keeps gradient magnitudes
+    comparable across temperatures).
+
+    Args:
+      teacher_logits: ``[..., V]`` teacher logits (gradient stopped unless
+        ``stop_teacher_gradient=False``).
+      student_logits: ``[..., V]`` student logits.
+      reduction: ``"none"``, ``"sum"``, ``"mean"``, ``"batchmean"`` or ``"dataset"``.
+      mask: token keep-mask ``[...]`` (ignored tokens: padding, prompt); ``"mean"`` divides by
+        the kept-token count.
+      temperature: T > 0.
+      scale_by_temperature_squared: multiply by T².
+      direction: ``"forward"``, ``"reverse"`` or ``"jsd"``.
+      beta: mixture weight for ``"jsd"`` (0.5: the standard JSD).
+      where: optional vocabulary mask ``[..., V]`` (excluded entries as if −inf).
+      stop_teacher_gradient: apply ``jax.lax.stop_gradient`` to the teacher logits.
+      impl: implementation of the logits KL (``kldiv.kl_from_logits``).
+
+    Returns:
+      The reduced loss (or per-token values for ``"none"``), float32 for 16-bit inputs.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"kldiv: unknown direction {direction!r}; allowed: 'forward', 'reverse', 'jsd'."
+        )
+    if stop_teacher_gradient:
+        teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    if direction == "forward":
+        values = kl_from_logits(
+            teacher_logits, student_logits, where=where, temperature=temperature, impl=impl
+        )
+    elif direction == "reverse":
+        values = kl_from_logits(
+            student_logits, teacher_logits, where=where, temperature=temperature, impl=impl
+        )
+    else:
+        from kldiv.family import js_from_logits
+
+        values = js_from_logits(
+            teacher_logits, student_logits, beta=beta, where=where, temperature=temperature
+        )
+    loss = reduce(values, reduction, mask=mask)
+    if scale_by_temperature_squared:
+        loss = loss * jnp.asarray(temperature, loss.dtype) ** 2
+    return loss
