@@ -17,9 +17,11 @@ from jax.experimental import checkify
 
 __all__ = [
     "as_float",
+    "as_keep_mask",
     "broadcast_shapes",
     "check_axis",
     "check_floating",
+    "check_positive",
     "check_temperature",
     "check_where",
     "compute_dtype",
@@ -173,3 +175,23 @@ def validate_log_probs(
         total=total.ravel()[jnp.argmax(jnp.abs(total - 1).ravel())],
     )
     return log_p
+
+
+def check_positive(name: str, value) -> None:
+    """Python numbers must be > 0; None and array values are taken as they are."""
+    if value is None or isinstance(value, jax.Array):
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"kldiv: `{name}` must be a number > 0 or None; got {value!r}.")
+
+
+def as_keep_mask(mask, shape: tuple[int, ...], name: str) -> jax.Array | None:
+    """Boolean view of a keep-mask (numeric weights: nonzero = kept), broadcast to ``shape``."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        if not jnp.issubdtype(mask.dtype, jnp.number):
+            raise TypeError(f"kldiv: `{name}` must be boolean or numeric; got dtype {mask.dtype}.")
+        mask = mask != 0
+    return check_where(mask, shape, name)

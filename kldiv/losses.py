@@ -15,8 +15,9 @@ Training losses (each takes ``reduction=`` with no default, see :func:`kldiv.red
   ignored-token mask, forward / reverse / generalised-JSD direction.
 * :func:`kldiv.vae.vae_kl_loss` re-exported here — the Gaussian VAE KL term (dataset scaling,
   β, free bits).
-* :func:`rl_kl_penalty` — KL penalty from per-token log-probabilities of sampled tokens
-  (the k1/k2/k3 estimators of :mod:`kldiv.estimators`).
+* :func:`kl_penalty` (from :mod:`kldiv.estimators`, re-exported here) — the RL KL penalty from
+  per-token log-probabilities of sampled tokens (k1/k2/k3 estimators, straight-through
+  gradients, clamping), and :func:`kl_penalty_exact`, the zero-variance full-vocabulary penalty.
 
 Static arguments: reduction names, directions, estimators, ``axis`` and Python-number
 temperatures/β are configuration; under ``jax.jit`` close over them (or mark them static) and a
@@ -33,12 +34,15 @@ import jax.numpy as jnp
 from kldiv import _checks
 from kldiv._numerics import kl_terms
 from kldiv.discrete import kl_from_logits
+from kldiv.estimators import kl_penalty, kl_penalty_exact
 from kldiv.reductions import reduce
 
 __all__ = [
     "distillation_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "kl_penalty",
+    "kl_penalty_exact",
 ]
 
 DIRECTIONS = ("forward", "reverse", "jsd")
