@@ -32,6 +32,13 @@ test: lint
 
 bench: $(BSTAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.report > bench/results/REPORT.md
+
+examples: $(STAMP)
+	$(BIN)/python examples/vae_digits.py
+	$(BIN)/python examples/distill_digits.py
+	$(BIN)/python examples/linen_train_state.py
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python examples/data_parallel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

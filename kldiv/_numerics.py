@@ -55,6 +55,16 @@ def log_ratio_probs(p: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.where(close, near, far)
 
 
+def saturate(g: jax.Array) -> jax.Array:
+    """Gradient coefficients that are never NaN: ±inf → ±finfo.max, NaN → 0.
+
+    Used where a divergence is +inf (support mismatch): its partial derivatives are infinite or
+    undefined there, and a masked-out example must not turn them into 0·inf = NaN downstream.
+    """
+    big = jnp.finfo(g.dtype).max
+    return jnp.where(jnp.isnan(g), jnp.zeros_like(g), jnp.clip(g, -big, big))
+
+
 def psum(x: jax.Array, axis_name=None) -> jax.Array:
     """``jax.lax.psum`` over ``axis_name``, or ``x`` itself when it is None."""
     return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -87,11 +97,14 @@ def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
     a shard of a vocabulary split over that mapped axis, and the statistics are global.
     """
     ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
-    sa = psum(jnp.sum(jnp.exp(a - ma), axis=-1, keepdims=True), axis_name)
-    sb = psum(jnp.sum(jnp.exp(b - mb), axis=-1, keepdims=True), axis_name)
-    sa = jnp.where(sa > 0, sa, jnp.ones_like(sa))
-    sb = jnp.where(sb > 0, sb, jnp.ones_like(sb))
-    return ma, mb, sa, sb
+    return ma, mb, sum_exp(a, ma, axis_name), sum_exp(b, mb, axis_name)
+
+
+def sum_exp(x: jax.Array, m: jax.Array, axis_name=None) -> jax.Array:
+    """Σ exp(x − m) along the last axis (kept), 1 for empty rows: the normaliser of
+    :func:`logits_stats` given the row maxima ``m`` from :func:`safe_max`."""
+    s = psum(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True), axis_name)
+    return jnp.where(s > 0, s, jnp.ones_like(s))
 
 
 def logits_terms(a, b, ma, mb, sa, sb):
@@ -108,3 +121,54 @@ def logits_terms(a, b, ma, mb, sa, sb):
     p = jnp.exp(ah) / sa
     q = jnp.exp(bh) / sb
     return p, q, x
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the fused paths (row chunks, vocabulary blocks): the same statistics, terms and
+# gradients as above, split into pieces that can be merged across blocks of one row.
+
+
+def kl_logits_grads(p, q, x, kl):
+    """Closed-form gradients of KL(softmax(a)‖softmax(b)) per entry, from :func:`logits_terms`.
+
+    ∂KL/∂a = p·(x − KL) (0 where p = 0) and ∂KL/∂b = q − p, with ``kl`` the row's KL broadcast
+    against the row (shape ``[..., 1]``). Never NaN: where the row's KL is +inf the
+    coefficients saturate (:func:`saturate`).
+    """
+    ga = jnp.where(p > 0, p * (jnp.where(p > 0, x, jnp.zeros_like(x)) - kl), jnp.zeros_like(p))
+    return saturate(ga), q - p
+
+
+def block_stats(x: jax.Array):
+    """Raw (max, Σ exp(x − max)) of a block along the last axis, for :func:`merge_stats`.
+
+    Unlike :func:`logits_stats` nothing is patched: an all −inf block gives (−inf, 0), the
+    identity of the merge.
+    """
+    m = jnp.max(x, axis=-1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    return m, jnp.sum(jnp.exp(x - m_safe), axis=-1, keepdims=True)
+
+
+def merge_stats(m1, s1, m2, s2):
+    """Combines raw (max, Σexp) pairs of two blocks of one row (the online logsumexp).
+
+    m = max(m1, m2), s = s1·e^{m1−m} + s2·e^{m2−m} (Milakov & Gimelshein 2018); a block with
+    m = −inf (empty) contributes nothing.
+    """
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+
+    def scale(mi, si):
+        return jnp.where(mi == -jnp.inf, jnp.zeros_like(si), si * jnp.exp(mi - m_safe))
+
+    return m, scale(m1, s1) + scale(m2, s2)
+
+
+def finish_stats(m, s):
+    """Raw merged (max, Σexp) → the (max, Σexp) convention of :func:`logits_stats`.
+
+    Empty rows get max 0 and Σexp 1, so their probabilities come out 0 and their KL 0.
+    """
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    return m, jnp.where(s > 0, s, jnp.ones_like(s))

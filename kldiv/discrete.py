@@ -29,12 +29,23 @@ import jax
 import jax.numpy as jnp
 
 from kldiv import _checks
-from kldiv._numerics import kl_terms, log_ratio_probs, logits_stats, logits_terms, psum
+from kldiv._numerics import (
+    kl_logits_grads,
+    kl_terms,
+    log_ratio_probs,
+    logits_stats,
+    logits_terms,
+    psum,
+    saturate,
+)
 
 __all__ = ["LOGIT_IMPLS", "kl", "kl_from_log_probs", "kl_from_logits", "prepare_pair"]
 
-# Implementations of kl_from_logits, all with the same semantics and tests.
-LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla")
+# Implementations of kl_from_logits, all with the same semantics and tests: "xla" (plain ops,
+# closed-form JVP), "chunked" (row chunks, custom VJP saving only inputs and row statistics),
+# "pallas" (Triton kernel on GPU, Pallas interpret mode elsewhere: slow, for tests); "auto" picks
+# per backend and size (kldiv.fused.choose_logits_impl).
+LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla", "chunked", "pallas")
 
 
 def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
@@ -74,9 +85,9 @@ def _kl_probs_jvp(primals, tangents):
     x = log_ratio_probs(p, q)
     out = jnp.sum(kl_terms(p, q, x), axis=-1)
     # d/dp = log(p/q) (0 at p = 0, the gradient of the 0·log 0 = 0 convention); d/dq = 1 − p/q.
-    gp = jnp.where(p > 0, jnp.where(p > 0, x, 0), 0)
+    gp = saturate(jnp.where(p > 0, jnp.where(p > 0, x, 0), 0))
     q_safe = jnp.where(q > 0, q, 1)
-    gq = jnp.where(q > 0, 1 - p / q_safe, jnp.where(p > 0, -jnp.inf, 1))
+    gq = saturate(jnp.where(q > 0, 1 - p / q_safe, jnp.where(p > 0, -jnp.inf, 1)))
     return out, jnp.sum(gp * dp + gq * dq, axis=-1)
 
 
@@ -99,7 +110,7 @@ def _kl_log_probs_jvp(primals, tangents):
     x, p, q = _log_space_terms(lp, lq)
     out = jnp.sum(kl_terms(p, q, x), axis=-1)
     # d/dlog p = p·log(p/q), d/dlog q = q − p.
-    glp = jnp.where(p > 0, p * jnp.where(p > 0, x, 0), 0)
+    glp = saturate(jnp.where(p > 0, p * jnp.where(p > 0, x, 0), 0))
     return out, jnp.sum(glp * dlp + (q - p) * dlq, axis=-1)
 
 
@@ -116,8 +127,8 @@ def _kl_logits_jvp(axis_name, primals, tangents):
     p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
     out = psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
     # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
-    ga = jnp.where(p > 0, p * (jnp.where(p > 0, x, 0) - out[..., None]), 0)
-    return out, psum(jnp.sum(ga * da + (q - p) * db, axis=-1), axis_name)
+    ga, gb = kl_logits_grads(p, q, x, out[..., None])
+    return out, psum(jnp.sum(ga * da + gb * db, axis=-1), axis_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +253,11 @@ def kl_from_logits(
         raises ValueError; a traced value is used as given). No T² factor is applied.
       impl: which implementation computes it; every one has the semantics above and passes the
         same tests. ``"xla"``: plain XLA ops with a closed-form JVP (supports forward mode).
-        ``"auto"`` (default) picks per backend and shape; see ``LOGIT_IMPLS``.
+        ``"chunked"``: rows in cache-sized chunks, custom VJP saving only the inputs and per-row
+        statistics (O(N) extra memory). ``"pallas"``: a Triton kernel on GPU; elsewhere Pallas
+        interpret mode (slow, for tests). Both are reverse-mode only. ``"auto"`` (default)
+        picks ``"pallas"`` on GPU, ``"chunked"`` for large inputs on CPU/TPU, else ``"xla"``
+        (:func:`kldiv.fused.choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
       axis_name: tensor-parallel logits: inside ``shard_map`` with the event (vocabulary) axis
         split over this mapped axis, each shard passes its slice of both logits; the row maxima,
         normalisers and the sum are combined across shards (``pmax``/``psum``), so every shard
@@ -272,6 +287,8 @@ def kl_from_logits(
                 f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
             )
         return _kl_logits_core(a, b, axis_name)
-    if impl in ("xla", "auto"):
+    if impl == "xla":
         return _kl_logits_core(a, b, None)
-    raise AssertionError(impl)
+    from kldiv import fused  # deferred: keeps `import kldiv` light and avoids an import cycle
+
+    return fused.kl_from_prepared_logits(a, b, impl)

@@ -458,3 +458,18 @@ def test_checkify_validation():
     err, _ = g(jnp.log(bad))
     with pytest.raises(checkify.JaxRuntimeError, match="sum to 1"):
         err.throw()
+
+
+def test_masked_infinite_example_does_not_poison_gradients(impl):
+    """A +inf example (support mismatch) masked out downstream leaves finite gradients."""
+    keep = jnp.array([True, False])
+    p = jnp.array([[0.25, 0.75], [0.5, 0.5]])
+    q = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+
+    def check(f, *args):
+        for g in jax.grad(lambda *a: kldiv.reduce(f(*a), "mean", mask=keep), (0, 1))(*args):
+            assert np.all(np.isfinite(g)), g
+
+    check(kldiv.kl, p, q)
+    check(kldiv.kl_from_log_probs, jnp.log(p), jnp.log(q))
+    check(lambda a, b: kldiv.kl_from_logits(a, b, impl=impl), jnp.log(p), jnp.log(q))

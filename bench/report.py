@@ -1,0 +1,38 @@
+"""Renders ``bench/results/*.json`` as the Markdown that the README's benchmark section shows.
+
+``python -m bench.report [DIR]`` prints, per suite, the machine the rows were measured on, the
+command-line arguments, the table and the PNG plots written beside the JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from bench.common import format_table
+
+
+def render(directory: str = "bench/results") -> str:
+    parts = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        m = data["machine"]
+        parts.append(f"### {data['suite']}\n")
+        parts.append(
+            f"Measured on {m['cpu']} ({m['cores']} cores), JAX {m['jax']} backend "
+            f"`{m['backend']}` ({m['device']}), commit {m.get('commit')}; "
+            f"repeats={data['args'].get('repeats')}, warmup={data['args'].get('warmup')}"
+            f"{', quick shapes' if data['args'].get('quick') else ''}.\n"
+        )
+        parts.append(format_table(data["rows"]) + "\n")
+        stem = os.path.splitext(path)[0]
+        for png in sorted(glob.glob(stem + "*.png")):
+            parts.append(f"![{os.path.basename(png)}]({png})\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(*sys.argv[1:]))

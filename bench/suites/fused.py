@@ -1,0 +1,537 @@
+"""Fused large-vocabulary KL: ``kl_from_logits`` (chunked/Pallas) and ``fused_linear_kl``.
+
+Cases (``--fused-cases``, comma-separated; default: all):
+
+``target_logits``
+    [1024, 32768] float32, KL(softmax(teacher) ‖ softmax(student)) forward and forward+backward
+    (gradients w.r.t. both logits), summed. Peer: the optax composition (``jax.nn.log_softmax``
+    of both + ``optax.losses.kl_divergence_with_log_targets``, summed, autodiff); also torch's
+    ``F.kl_div(log_target=True)`` and ejkernel's ``fused_kl_divergence`` where installed. Target:
+    fwd+bwd time ≤ 0.6× optax, compiled temporary memory ≤ 0.05× optax.
+``target_linear``
+    ``fused_linear_kl`` with [2048 × 512] @ [512 × 32768] float32 for both heads, reduction
+    ``"mean"``, forward+backward w.r.t. the student's hidden states and weight. Peer
+    ("materialised"): both logit tensors computed first, then ``kl_from_logits`` (default impl)
+    and ``kldiv.reduce``; also the same with the optax composition. Target: time ≤ 1.0× and
+    temporary memory ≤ 0.15× of the materialised version.
+``scaling``
+    Time and temporary memory against N and V for the logits paths (optax, xla, chunked) and
+    the linear paths (materialised, fused): memory is flat in N for the fused paths.
+``crossover``
+    xla vs chunked forward+backward on small shapes: where ``impl="auto"`` switches.
+``penalty``
+    An exact per-token KL penalty over the full vocabulary (``kl_from_logits``, policy vs
+    reference logits, gradient w.r.t. the policy logits) against the sampled k3 estimator
+    (``kldiv.estimators.kl_k3`` on log-probabilities gathered from ``jax.nn.log_softmax`` of
+    both logits at the sampled tokens), [8192 tokens, 32768 vocabulary].
+``gpu``
+    Pallas kernel vs optax/xla on GPU, bfloat16 [8192, 131072]. Without a GPU backend these rows
+    say "not measured (no GPU)" instead of numbers.
+
+Method: every function is jitted and timed with ``bench.common.timeit`` (warm-up, then the
+median of ``--repeats`` runs, blocking on the results). Machines are shared, so each case is
+measured in ``--fused-rounds`` interleaved rounds, every candidate once per round next to its
+peer; the reported time is the median over rounds and the ratio the median of the per-round
+ratios. Temporary memory: ``bench.common.temp_bytes`` of the jitted forward+backward.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kldiv
+from bench import common
+from kldiv import fused
+
+NAME = "fused"
+CASES = ("target_logits", "target_linear", "scaling", "crossover", "penalty", "gpu")
+NOT_MEASURED = "not measured (no GPU)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--fused-cases", default=",".join(CASES), help="comma-separated cases")
+    parser.add_argument("--fused-rounds", type=int, default=3, help="interleaved rounds per case")
+    parser.add_argument(
+        "--fused-scaling-n", default="256,1024,4096", help="N values of the scaling table"
+    )
+    parser.add_argument(
+        "--fused-scaling-v", default="8192,32768,131072", help="V values of the scaling table"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates. Logits: (teacher, student) -> scalar loss; gradients w.r.t. both.
+
+
+def _optax_loss(t, s):
+    import optax
+
+    lp = jax.nn.log_softmax(t.astype(jnp.float32))
+    lq = jax.nn.log_softmax(s.astype(jnp.float32))
+    return jnp.sum(optax.losses.kl_divergence_with_log_targets(lq, lp))
+
+
+def _kldiv_loss(impl):
+    def loss(t, s):
+        return jnp.sum(kldiv.kl_from_logits(t, s, impl=impl))
+
+    return loss
+
+
+def _ejkernel_loss():
+    from ejkernel.modules.operations.fused_kl_divergence import fused_kl_divergence
+
+    def loss(t, s):
+        return jnp.sum(fused_kl_divergence(s, t, reduction="none", platform="xla").loss)
+
+    return loss
+
+
+def _logits_candidates(with_peers: bool) -> dict:
+    cands = {"optax": _optax_loss, "kldiv-xla": _kldiv_loss("xla")}
+    cands["kldiv-chunked"] = _kldiv_loss("chunked")
+    cands["kldiv-auto"] = _kldiv_loss("auto")
+    if with_peers:
+        try:
+            cands["ejkernel-xla"] = _ejkernel_loss()
+        except ImportError:
+            pass
+    return cands
+
+
+def _fwd_and_grad(loss, argnums=(0, 1)):
+    return jax.jit(loss), jax.jit(jax.value_and_grad(loss, argnums))
+
+
+def _logits_inputs(n, v, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    t = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 2, dtype)
+    s = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 2, dtype)
+    return t, s
+
+
+def _measure(cands: dict, args, inputs, rounds: int, peer: str, progress, label: str):
+    """Interleaved rounds; per candidate the median time and the median ratio to ``peer``."""
+    fns = {
+        k: _fwd_and_grad(*f) if isinstance(f, tuple) else _fwd_and_grad(f) for k, f in cands.items()
+    }
+    temps = {}
+    for k, (_, fb) in fns.items():
+        try:
+            temps[k] = common.temp_bytes(fb, *inputs)
+        except Exception:  # noqa: BLE001 - memory analysis is best effort
+            temps[k] = None
+    times = {k: {"fwd": [], "fwdbwd": []} for k in fns}
+    for r in range(rounds):
+        for k, (fwd, fb) in fns.items():
+            progress(f"{label}: round {r + 1}/{rounds} {k}")
+            times[k]["fwd"].append(
+                common.timeit(fwd, *inputs, repeats=args.repeats, warmup=args.warmup)
+            )
+            times[k]["fwdbwd"].append(
+                common.timeit(fb, *inputs, repeats=args.repeats, warmup=args.warmup)
+            )
+    out = {}
+    for k in fns:
+        ratios = [a / b for a, b in zip(times[k]["fwdbwd"], times[peer]["fwdbwd"], strict=True)]
+        fwd_ratios = [a / b for a, b in zip(times[k]["fwd"], times[peer]["fwd"], strict=True)]
+        out[k] = {
+            "fwd_ms": 1e3 * statistics.median(times[k]["fwd"]),
+            "fwdbwd_ms": 1e3 * statistics.median(times[k]["fwdbwd"]),
+            "fwd_ratio": statistics.median(fwd_ratios),
+            "ratio": statistics.median(ratios),
+            "ratios": [round(x, 3) for x in ratios],
+            "temp_bytes": temps[k],
+            "temp_ratio": (
+                temps[k] / temps[peer] if temps[k] is not None and temps[peer] else None
+            ),
+        }
+    return out
+
+
+def _torch_logits(t, s, args, progress) -> dict | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    tt = torch.from_numpy(np.array(t, np.float32))
+    ts = torch.from_numpy(np.array(s, np.float32))
+
+    def fwd(a, b):
+        with torch.no_grad():
+            return F.kl_div(
+                F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="sum"
+            )
+
+    def fwdbwd(a, b):
+        a = a.detach().requires_grad_(True)
+        b = b.detach().requires_grad_(True)
+        loss = F.kl_div(
+            F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="sum"
+        )
+        loss.backward()
+        return loss
+
+    progress("target_logits: torch")
+    return {
+        "fwd_ms": 1e3 * common.timeit_torch(fwd, tt, ts, repeats=args.repeats, warmup=args.warmup),
+        "fwdbwd_ms": 1e3
+        * common.timeit_torch(fwdbwd, tt, ts, repeats=args.repeats, warmup=args.warmup),
+    }
+
+
+def _row(case, impl, n, v, dtype, m, ratio_key, **extra) -> dict:
+    row = {
+        "case": case,
+        "impl": impl,
+        "N": n,
+        "V": v,
+        "dtype": dtype,
+        "fwd_ms": m.get("fwd_ms"),
+        "fwdbwd_ms": m.get("fwdbwd_ms"),
+        ratio_key: m.get("ratio"),
+        "temp_bytes": m.get("temp_bytes"),
+        "temp_ratio": m.get("temp_ratio"),
+    }
+    if "ratios" in m:
+        row["round_ratios"] = m["ratios"]
+    row.update(extra)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases.
+
+
+def _target_logits(args, progress, quick):
+    n, v = (128, 4096) if quick else (1024, 32768)
+    t, s = _logits_inputs(n, v)
+    res = _measure(
+        _logits_candidates(True),
+        args,
+        (t, s),
+        args.fused_rounds,
+        "optax",
+        progress,
+        "target_logits",
+    )
+    rows = []
+    for k, m in res.items():
+        extra = {}
+        if k in ("kldiv-chunked", "kldiv-auto"):
+            extra["target"] = "fwdbwd ≤ 0.6× optax, temp ≤ 0.05× optax"
+            extra["meets_target"] = bool(m["ratio"] <= 0.6 and (m["temp_ratio"] or 1) <= 0.05)
+        rows.append(_row("target_logits", k, n, v, "float32", m, "ratio_vs_optax", **extra))
+    torch_m = _torch_logits(t, s, args, progress)
+    if torch_m is not None:
+        opt = res["optax"]
+        torch_m["ratio"] = torch_m["fwdbwd_ms"] / opt["fwdbwd_ms"]
+        rows.append(
+            _row(
+                "target_logits",
+                "torch",
+                n,
+                v,
+                "float32",
+                torch_m,
+                "ratio_vs_optax",
+                note="ratio against the median optax time (not interleaved)",
+            )
+        )
+    return rows
+
+
+def _linear_inputs(n, h, v, seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape, scale=1.0: jnp.asarray(  # noqa: E731
+        (rng.normal(size=shape) * scale).astype(np.float32)
+    )
+    return f(n, h), f(h, v, scale=h**-0.5), f(n, h), f(h, v, scale=h**-0.5)
+
+
+def _materialised(kl_impl):
+    def loss(hs, ws, ht, wt):
+        zs, zt = hs @ ws, jax.lax.stop_gradient(ht @ wt)
+        if kl_impl == "optax":
+            lp, lq = jax.nn.log_softmax(zt), jax.nn.log_softmax(zs)
+            import optax
+
+            values = optax.losses.kl_divergence_with_log_targets(lq, lp)
+        else:
+            values = kldiv.kl_from_logits(zt, zs, impl=kl_impl)
+        return kldiv.reduce(values, "mean")
+
+    return loss
+
+
+def _fused_linear(hs, ws, ht, wt):
+    return fused.fused_linear_kl(hs, ws, ht, wt, reduction="mean")
+
+
+def _linear_candidates():
+    return {
+        "materialised": (_materialised("auto"), (0, 1)),
+        "materialised-optax": (_materialised("optax"), (0, 1)),
+        "fused_linear_kl": (_fused_linear, (0, 1)),
+    }
+
+
+def _target_linear(args, progress, quick):
+    n, h, v = (256, 64, 4096) if quick else (2048, 512, 32768)
+    inputs = _linear_inputs(n, h, v)
+    res = _measure(
+        _linear_candidates(),
+        args,
+        inputs,
+        args.fused_rounds,
+        "materialised",
+        progress,
+        "target_linear",
+    )
+    rows = []
+    for k, m in res.items():
+        extra = {"H": h}
+        if k == "fused_linear_kl":
+            extra["target"] = "fwdbwd ≤ 1.0× materialised, temp ≤ 0.15× materialised"
+            extra["meets_target"] = bool(m["ratio"] <= 1.0 and (m["temp_ratio"] or 1) <= 0.15)
+        rows.append(_row("target_linear", k, n, v, "float32", m, "ratio_vs_materialised", **extra))
+    return rows
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _scaling(args, progress, quick):
+    ns = [64, 256] if quick else _ints(args.fused_scaling_n)
+    vs = [2048, 8192] if quick else _ints(args.fused_scaling_v)
+    n_fixed, v_fixed = ns[len(ns) // 2], vs[len(vs) // 2]
+    rounds = 1
+    rows = []
+    cands = {
+        "optax": _optax_loss,
+        "kldiv-xla": _kldiv_loss("xla"),
+        "kldiv-chunked": _kldiv_loss("chunked"),
+    }
+    shapes = [(n, v_fixed) for n in ns] + [(n_fixed, v) for v in vs if v != v_fixed]
+    for n, v in shapes:
+        res = _measure(
+            cands,
+            args,
+            _logits_inputs(n, v),
+            rounds,
+            "optax",
+            progress,
+            f"scaling logits N={n} V={v}",
+        )
+        rows += [
+            _row("scaling_logits", k, n, v, "float32", m, "ratio_vs_optax") for k, m in res.items()
+        ]
+    h = 64 if quick else 512
+    for n, v in [(n, v_fixed) for n in ns] + [(n_fixed, v) for v in vs if v != v_fixed]:
+        lin = _linear_candidates()
+        del lin["materialised-optax"]
+        res = _measure(
+            lin,
+            args,
+            _linear_inputs(n, h, v),
+            rounds,
+            "materialised",
+            progress,
+            f"scaling linear N={n} V={v}",
+        )
+        rows += [
+            _row("scaling_linear", k, n, v, "float32", m, "ratio_vs_materialised", H=h)
+            for k, m in res.items()
+        ]
+    return rows
+
+
+def _crossover(args, progress, quick):
+    shapes = (
+        [(4, 2048), (16, 8192)]
+        if quick
+        else [
+            (8, 8192),
+            (32, 8192),
+            (128, 8192),
+            (512, 8192),
+            (8, 32768),
+            (32, 32768),
+            (128, 32768),
+        ]
+    )
+    cands = {"kldiv-xla": _kldiv_loss("xla"), "kldiv-chunked": _kldiv_loss("chunked")}
+    rows = []
+    for n, v in shapes:
+        res = _measure(
+            cands,
+            args,
+            _logits_inputs(n, v),
+            args.fused_rounds,
+            "kldiv-xla",
+            progress,
+            f"crossover N={n} V={v}",
+        )
+        for k, m in res.items():
+            rows.append(
+                _row(
+                    "crossover",
+                    k,
+                    n,
+                    v,
+                    "float32",
+                    m,
+                    "ratio_vs_xla",
+                    auto=fused.choose_logits_impl((n, v)),
+                )
+            )
+    return rows
+
+
+def _penalty(args, progress, quick):
+    n, v = (512, 4096) if quick else (8192, 32768)
+    rng = np.random.default_rng(3)
+    policy, ref = _logits_inputs(n, v, seed=4)
+    tokens = jnp.asarray(rng.integers(0, v, n))
+
+    def exact(pl, rl):
+        return jnp.mean(kldiv.kl_from_logits(pl, jax.lax.stop_gradient(rl)))
+
+    try:
+        from kldiv.estimators import kl_k3
+
+        k3_label = "k3 (kldiv.estimators.kl_k3, log_softmax gather)"
+    except ImportError:  # pragma: no cover - estimators module absent
+
+        def kl_k3(lp, lr):
+            d = lr - lp
+            return jnp.expm1(d) - d
+
+        k3_label = "k3 (inline (r − 1) − log r, log_softmax gather; peer baseline)"
+
+    def k3(pl, rl):
+        def gather(z):
+            return jnp.take_along_axis(jax.nn.log_softmax(z), tokens[:, None], -1)[:, 0]
+
+        return jnp.mean(kl_k3(gather(pl), jax.lax.stop_gradient(gather(rl))))
+
+    cands = {"exact-kl (kl_from_logits, auto)": (exact, (0,)), k3_label: (k3, (0,))}
+    res = _measure(cands, args, (policy, ref), args.fused_rounds, k3_label, progress, "penalty")
+    return [_row("penalty", k, n, v, "float32", m, "ratio_vs_k3") for k, m in res.items()]
+
+
+def _gpu(args, progress, quick):
+    n, v = (512, 8192) if quick else (8192, 131072)
+    impls = ("optax", "kldiv-xla", "kldiv-pallas")
+    if jax.default_backend() != "gpu":
+        return [
+            {
+                "case": "gpu",
+                "impl": k,
+                "N": n,
+                "V": v,
+                "dtype": "bfloat16",
+                "fwd_ms": NOT_MEASURED,
+                "fwdbwd_ms": NOT_MEASURED,
+                "ratio_vs_optax": NOT_MEASURED,
+                "temp_bytes": NOT_MEASURED,
+                "temp_ratio": NOT_MEASURED,
+            }
+            for k in impls
+        ]
+    t, s = _logits_inputs(n, v, jnp.bfloat16)
+    cands = {
+        "optax": _optax_loss,
+        "kldiv-xla": _kldiv_loss("xla"),
+        "kldiv-pallas": _kldiv_loss("pallas"),
+    }
+    res = _measure(cands, args, (t, s), args.fused_rounds, "optax", progress, "gpu")
+    return [_row("gpu", k, n, v, "bfloat16", m, "ratio_vs_optax") for k, m in res.items()]
+
+
+_RUNNERS = {
+    "target_logits": _target_logits,
+    "target_linear": _target_linear,
+    "scaling": _scaling,
+    "crossover": _crossover,
+    "penalty": _penalty,
+    "gpu": _gpu,
+}
+
+
+def run(args, progress) -> list[dict]:
+    wanted = [c for c in args.fused_cases.split(",") if c]
+    unknown = [c for c in wanted if c not in _RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown fused cases {unknown}; available: {list(_RUNNERS)}")
+    rows = []
+    for case in wanted:
+        progress(f"case {case}")
+        rows += _RUNNERS[case](args, progress, args.quick)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def plot(rows, path_prefix: str) -> None:
+    import matplotlib.pyplot as plt
+
+    def numeric(r, key):
+        return isinstance(r.get(key), (int, float)) and r.get(key) is not None
+
+    for case, ylabel in (("scaling_logits", "logits"), ("scaling_linear", "linear head")):
+        sel = [r for r in rows if r["case"] == case]
+        if not sel:
+            continue
+        ns = sorted({r["N"] for r in sel})
+        vs = sorted({r["V"] for r in sel})
+        n_fixed = ns[len(ns) // 2] if len(ns) > 1 else ns[0]
+        v_fixed = max(vs, key=lambda v: sum(1 for r in sel if r["V"] == v))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for impl in sorted({r["impl"] for r in sel}):
+            by_v = sorted(
+                (r["V"], r["fwdbwd_ms"])
+                for r in sel
+                if r["impl"] == impl and r["N"] == n_fixed and numeric(r, "fwdbwd_ms")
+            )
+            by_n = sorted(
+                (r["N"], r["temp_bytes"] / 2**20)
+                for r in sel
+                if r["impl"] == impl and r["V"] == v_fixed and numeric(r, "temp_bytes")
+            )
+            if by_v:
+                axes[0].plot(*zip(*by_v, strict=True), marker="o", label=impl)
+            if by_n:
+                axes[1].plot(*zip(*by_n, strict=True), marker="o", label=impl)
+        axes[0].set(
+            xscale="log",
+            yscale="log",
+            xlabel="V (vocabulary)",
+            ylabel="fwd+bwd time [ms]",
+            title=f"{ylabel}: time vs V (N={n_fixed})",
+        )
+        axes[1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="N (tokens)",
+            ylabel="temporary memory [MiB]",
+            title=f"{ylabel}: temp memory vs N (V={v_fixed})",
+        )
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{path_prefix}_{case}.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,297 @@
+"""Closed-form Gaussian KL: kldiv.gaussian against TensorFlow Probability and distrax, same inputs.
+
+Cases (float32 by default; sizes as ``[batch, D]``):
+
+* ``diag_standard_normal`` ``[65536, 64]``: KL(N(μ, diag e^{lv}) ‖ N(0, I)), the VAE term.
+* ``diag_pair`` ``[65536, 64]``: two batched diagonal Gaussians (log-variances).
+* ``full_pair`` ``[4096, 64]``: two batched full-covariance Gaussians (Cholesky factors).
+* ``full_shared_prior`` ``[4096, 64]``: a batch of full-covariance posteriors against one prior
+  ``[D, D]`` (kldiv factors it once and solves the whole batch as one stacked right-hand side).
+
+Peers get the same arrays: ``tfd.MultivariateNormalDiag(μ, exp(lv/2))`` /
+``tfd.MultivariateNormalTriL`` with ``tfd.kl_divergence``, and ``distrax.MultivariateNormalDiag`` /
+``distrax.MultivariateNormalTri`` with ``.kl_divergence``, all jitted. ``naive-jnp`` (diagonal
+cases only) is the one-line textbook formula a user would write; it is shown for reference and is
+not a peer.
+
+Columns: ``fwd_ms`` and ``fwdbwd_ms`` (gradient w.r.t. every input) are the minimum over
+``--gaussian-rounds`` interleaved rounds of the median of ``--repeats`` timed runs, so that the
+implementations of one case see the same machine load; ``*_vs_best_peer`` divides by the fastest
+of TFP and distrax; ``temp_MiB`` is XLA's compiled temporary memory of the forward+backward;
+``tiny_rel_err`` is the median relative error in float32 on nearly identical distributions
+(KL ≈ 1e-6 per example) against a float64 reference, and ``negatives`` counts values below 0
+there.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from kldiv import gaussian
+
+NAME = "gaussian"
+
+CASES = ("diag_standard_normal", "diag_pair", "full_pair", "full_shared_prior")
+PEERS = ("tfp", "distrax")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--gaussian-diag-shape", default="65536,64", help="batch,D of the diagonal cases"
+    )
+    parser.add_argument(
+        "--gaussian-full-shape", default="4096,64", help="batch,D of the full-covariance cases"
+    )
+    parser.add_argument("--gaussian-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--gaussian-cases",
+        default=",".join(CASES),
+        help="comma-separated subset of " + ", ".join(CASES),
+    )
+    parser.add_argument(
+        "--gaussian-rounds", type=int, default=2, help="interleaved timing rounds (min is kept)"
+    )
+    parser.add_argument(
+        "--gaussian-no-grad", action="store_true", help="time the forward pass only"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: case -> impl -> function of the case's arrays.
+
+
+def _tfd():
+    import tensorflow_probability.substrates.jax as tfp
+
+    return tfp.distributions
+
+
+def _diag_std_fns():
+    def kldiv_fn(m, lv):
+        return gaussian.kl_standard_normal(m, lv)
+
+    def tfp_fn(m, lv):
+        tfd = _tfd()
+        d = m.shape[-1]
+        p = tfd.MultivariateNormalDiag(m, jnp.exp(0.5 * lv))
+        q = tfd.MultivariateNormalDiag(jnp.zeros(d, m.dtype), jnp.ones(d, m.dtype))
+        return tfd.kl_divergence(p, q)
+
+    def distrax_fn(m, lv):
+        import distrax
+
+        d = m.shape[-1]
+        p = distrax.MultivariateNormalDiag(m, jnp.exp(0.5 * lv))
+        q = distrax.MultivariateNormalDiag(jnp.zeros(d, m.dtype), jnp.ones(d, m.dtype))
+        return p.kl_divergence(q)
+
+    def naive_fn(m, lv):
+        return 0.5 * jnp.sum(m * m + jnp.exp(lv) - 1.0 - lv, axis=-1)
+
+    return {"kldiv": kldiv_fn, "tfp": tfp_fn, "distrax": distrax_fn, "naive-jnp": naive_fn}
+
+
+def _diag_pair_fns():
+    def kldiv_fn(mp, lvp, mq, lvq):
+        return gaussian.kl_diag(mp, lvp, mq, lvq)
+
+    def tfp_fn(mp, lvp, mq, lvq):
+        tfd = _tfd()
+        p = tfd.MultivariateNormalDiag(mp, jnp.exp(0.5 * lvp))
+        return tfd.kl_divergence(p, tfd.MultivariateNormalDiag(mq, jnp.exp(0.5 * lvq)))
+
+    def distrax_fn(mp, lvp, mq, lvq):
+        import distrax
+
+        p = distrax.MultivariateNormalDiag(mp, jnp.exp(0.5 * lvp))
+        return p.kl_divergence(distrax.MultivariateNormalDiag(mq, jnp.exp(0.5 * lvq)))
+
+    def naive_fn(mp, lvp, mq, lvq):
+        t = lvq - lvp + (jnp.exp(lvp) + (mp - mq) ** 2) * jnp.exp(-lvq) - 1.0
+        return 0.5 * jnp.sum(t, axis=-1)
+
+    return {"kldiv": kldiv_fn, "tfp": tfp_fn, "distrax": distrax_fn, "naive-jnp": naive_fn}
+
+
+def _full_fns():
+    def kldiv_fn(mp, lp, mq, lq):
+        return gaussian.kl_full(mp, lp, mq, lq)
+
+    def tfp_fn(mp, lp, mq, lq):
+        tfd = _tfd()
+        p, q = tfd.MultivariateNormalTriL(mp, lp), tfd.MultivariateNormalTriL(mq, lq)
+        return tfd.kl_divergence(p, q)
+
+    def distrax_fn(mp, lp, mq, lq):
+        import distrax
+
+        p = distrax.MultivariateNormalTri(mp, lp, is_lower=True)
+        return p.kl_divergence(distrax.MultivariateNormalTri(mq, lq, is_lower=True))
+
+    return {"kldiv": kldiv_fn, "tfp": tfp_fn, "distrax": distrax_fn}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and float64 references (numpy).
+
+
+def _tril(rng, batch, d, dtype):
+    off = np.tril(rng.normal(scale=0.4 / np.sqrt(d), size=(*batch, d, d)), -1)
+    diag = np.exp(rng.normal(scale=0.3, size=(*batch, d)))
+    return (off + diag[..., None] * np.eye(d)).astype(dtype)
+
+
+def _inputs(case, b, d, dtype, seed=0, tiny=False):
+    """The case's arrays as numpy; ``tiny`` makes p and q nearly identical (KL ≈ 1e-6)."""
+    rng = np.random.default_rng(seed)
+    eps = 1e-3 / np.sqrt(d)
+    if case == "diag_standard_normal":
+        s = eps if tiny else 1.0
+        return (s * rng.normal(size=(b, d)), s * rng.normal(size=(b, d)))
+    if case == "diag_pair":
+        mp, lvp = rng.normal(size=(b, d)), 0.5 * rng.normal(size=(b, d))
+        if tiny:
+            return mp, lvp, mp + eps * rng.normal(size=(b, d)), lvp + eps * rng.normal(size=(b, d))
+        return mp, lvp, rng.normal(size=(b, d)), 0.5 * rng.normal(size=(b, d))
+    qbatch = () if case == "full_shared_prior" else (b,)
+    mq, lq = rng.normal(size=(*qbatch, d)), _tril(rng, qbatch, d, np.float64)
+    if tiny:
+        mp = mq + eps * rng.normal(size=(b, d))
+        lp = lq + eps * np.tril(rng.normal(size=(b, d, d)))
+        return mp, lp, mq, lq
+    return rng.normal(size=(b, d)), _tril(rng, (b,), d, np.float64), mq, lq
+
+
+def _reference(case, arrays):
+    """float64 KL with numpy (no kldiv code)."""
+    x = [np.asarray(a, np.float64) for a in arrays]
+    if case == "diag_standard_normal":
+        m, lv = x
+        return 0.5 * np.sum(m * m + np.expm1(lv) - lv, axis=-1)
+    if case == "diag_pair":
+        mp, lvp, mq, lvq = x
+        r = lvp - lvq
+        return 0.5 * np.sum(np.expm1(r) - r + (mp - mq) ** 2 * np.exp(-lvq), axis=-1)
+    mp, lp, mq, lq = x
+    lq = np.broadcast_to(lq, lp.shape)
+    m = np.linalg.solve(lq, lp)
+    delta = np.linalg.solve(lq, (mp - np.broadcast_to(mq, mp.shape))[..., None])[..., 0]
+    logdet = 2 * np.sum(
+        np.log(np.abs(np.diagonal(lq, axis1=-2, axis2=-1)))
+        - np.log(np.abs(np.diagonal(lp, axis1=-2, axis2=-1))),
+        axis=-1,
+    )
+    return 0.5 * (np.sum(m * m, axis=(-2, -1)) - lp.shape[-1] + logdet + np.sum(delta**2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape(arg: str) -> tuple[int, int]:
+    b, d = (int(v) for v in arg.split(","))
+    return b, d
+
+
+def run(args, progress) -> list[dict]:
+    dtype = jnp.dtype(args.gaussian_dtype)
+    diag_shape = (4096, 32) if args.quick else _shape(args.gaussian_diag_shape)
+    full_shape = (256, 16) if args.quick else _shape(args.gaussian_full_shape)
+    wanted = [c for c in args.gaussian_cases.split(",") if c]
+    unknown = sorted(set(wanted) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown gaussian cases {unknown}; available: {', '.join(CASES)}")
+    rows = []
+    for case in wanted:
+        b, d = diag_shape if case.startswith("diag") else full_shape
+        fns = {
+            "diag_standard_normal": _diag_std_fns,
+            "diag_pair": _diag_pair_fns,
+            "full_pair": _full_fns,
+            "full_shared_prior": _full_fns,
+        }[case]()
+        arrays = tuple(jnp.asarray(a, dtype) for a in _inputs(case, b, d, np.float32))
+        tiny = _inputs(case, 256, d, np.float32, seed=1, tiny=True)
+        tiny32 = tuple(jnp.asarray(a, jnp.float32) for a in tiny)
+        tiny_ref = _reference(case, [np.asarray(a) for a in tiny32])
+        shape = f"[{b}, {d}]" + (" vs [D, D] prior" if case == "full_shared_prior" else "")
+        argnums = tuple(range(len(arrays)))
+        jitted = {}
+        for impl, fn in fns.items():
+            progress(f"{case} {shape}: compiling {impl}")
+            fwd = jax.jit(fn)
+            fb = jax.jit(jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums))
+            jax.block_until_ready(fwd(*arrays))
+            if not args.gaussian_no_grad:
+                jax.block_until_ready(fb(*arrays))
+            jitted[impl] = (fwd, fb)
+        best = {impl: [np.inf, np.inf] for impl in fns}
+        for rnd in range(args.gaussian_rounds):
+            for impl, (fwd, fb) in jitted.items():
+                progress(f"{case}: timing {impl} (round {rnd + 1}/{args.gaussian_rounds})")
+                t = common.timeit(fwd, *arrays, repeats=args.repeats, warmup=args.warmup)
+                best[impl][0] = min(best[impl][0], t)
+                if not args.gaussian_no_grad:
+                    t = common.timeit(fb, *arrays, repeats=args.repeats, warmup=args.warmup)
+                    best[impl][1] = min(best[impl][1], t)
+        case_rows = []
+        for impl, fn in fns.items():
+            vals = np.asarray(jax.jit(fn)(*tiny32), np.float64)
+            temp = None
+            if not args.gaussian_no_grad:
+                temp = common.temp_bytes(
+                    jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums), *arrays
+                )
+            case_rows.append(
+                {
+                    "case": case,
+                    "impl": impl,
+                    "shape": shape,
+                    "dtype": str(dtype),
+                    "fwd_ms": 1e3 * best[impl][0],
+                    "fwdbwd_ms": None if args.gaussian_no_grad else 1e3 * best[impl][1],
+                    "temp_MiB": None if temp is None else temp / 2**20,
+                    "temp_bytes": temp,
+                    "tiny_rel_err": float(np.median(np.abs(vals - tiny_ref) / tiny_ref)),
+                    "negatives": int((vals < 0).sum()),
+                }
+            )
+        peers = [r for r in case_rows if r["impl"] in PEERS]
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            if peers and all(r[key] is not None for r in peers):
+                fastest = min(r[key] for r in peers)
+                for r in case_rows:
+                    r[key.replace("_ms", "_vs_best_peer")] = r[key] / fastest
+        for r in case_rows:
+            r["ratio_vs_fastest_peer"] = r.get("fwd_vs_best_peer")
+        rows.extend(case_rows)
+    return rows
+
+
+def plot(rows, path) -> None:
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    if not cases:
+        return
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        sel = [r for r in rows if r["case"] == case]
+        x = np.arange(len(sel))
+        ax.bar(x - 0.2, [r["fwd_ms"] for r in sel], 0.4, label="forward")
+        if all(r.get("fwdbwd_ms") is not None for r in sel):
+            ax.bar(x + 0.2, [r["fwdbwd_ms"] for r in sel], 0.4, label="forward+backward")
+        ax.set_xticks(x, [r["impl"] for r in sel], rotation=30, ha="right")
+        ax.set_title(f"{case}\n{sel[0]['shape']} {sel[0]['dtype']}", fontsize=9)
+        ax.set_ylabel("median time (ms)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path if str(path).endswith(".png") else f"{path}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,506 @@
+"""Fused linear-head distillation divergence: logits = hidden @ weight are never materialised.
+
+For language-model distillation the logits of both models, ``[N, V]`` with V = 32k–256k, are by
+far the largest tensors of a step. :func:`fused_linear_kl` walks over chunks of C tokens: per
+chunk it computes both logit blocks ``[C, V]`` with one matmul each, the per-token divergence (and
+optionally a hard-label cross-entropy) and its gradient w.r.t. the student logits, and — for the
+scalar reductions — immediately folds that gradient into ``grad_hidden`` (stored per chunk) and
+``grad_weight`` (summed over chunks). The backward pass then only scales them by the incoming
+cotangent (Liger-Kernel's approach; Hsu et al. 2024). With ``reduction="none"`` the cotangent is a
+vector known only in the backward pass, which therefore recomputes the logits chunk by chunk.
+
+Peak temporary memory is O(C·V + H·V) instead of O(N·V).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kldiv import _checks
+from kldiv.fused.chunked import for_each_chunk, kl_rows_with_grad
+from kldiv.reductions import REDUCTIONS, reduce
+
+__all__ = ["DIRECTIONS", "fused_linear_kl"]
+
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
+
+# Tokens per chunk: about CHUNK_BYTES of one [C, V] block of logits (a chunk keeps about four such
+# blocks alive), but at least MIN_CHUNK tokens. Every chunk adds its [H, V] weight-gradient product
+# into the accumulator, a pass over H·V floats that costs ~50% of the product itself at 128 tokens
+# (measured on a 2-core x86 CPU), so chunks must not shrink with V. At [2048 × 512] @ [512 × 32768]
+# the default is 128 tokens: temporaries ~1/8 of the two materialised logit tensors. See
+# bench/suites/fused.py.
+CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK = 128
+# Rows per tile of the weight-gradient update (see _accumulate_weight_grad): about
+# WEIGHT_TILE_BYTES of [tile, V], at least MIN_WEIGHT_TILE rows (narrower products are slow).
+WEIGHT_TILE_BYTES = 16 * 2**20
+MIN_WEIGHT_TILE = 64
+
+
+class _Config(NamedTuple):
+    """Static (hashable) configuration of one fused call."""
+
+    direction: str
+    beta: float
+    chunk: int  # tokens per chunk
+    hard: bool  # compute the hard-label cross-entropy term
+    t2: bool
+    unit_temperature: bool  # T is the Python number 1: skip the divisions
+
+
+def _soft_rows(cfg: _Config, a_t, a_s, ct):
+    """Per-token divergence of tempered teacher/student logits and ct·∂/∂a_s.
+
+    Forward and reverse KL use the closed-form gradients of ``kldiv.discrete`` (shared numerics,
+    ``kl_rows_with_grad``); the JSD differentiates :func:`kldiv.family.js_from_logits` with
+    ``jax.vjp`` on the chunk.
+    """
+    if cfg.direction == "forward":
+        values, grad = kl_rows_with_grad(a_t, a_s, wrt="b")
+        return values, grad * ct[:, None]
+    if cfg.direction == "reverse":
+        values, grad = kl_rows_with_grad(a_s, a_t, wrt="a")
+        return values, grad * ct[:, None]
+    from kldiv.family import js_from_logits
+
+    values, vjp = jax.vjp(lambda s: js_from_logits(a_t, s, cfg.beta), a_s)
+    return values, vjp(ct)[0]
+
+
+def _hard_rows(z_s, labels, ct):
+    """Cross-entropy −log softmax(z_s)[y] and ct·∂/∂z_s, as KL(one-hot(y) ‖ softmax(z_s)).
+
+    The one-hot target has entropy 0, so this KL is exactly the cross-entropy; its gradient is
+    softmax(z_s) − one-hot(y). Same numerics as every other KL here.
+    """
+    ids = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1)
+    onehot_logits = jnp.where(ids == labels[:, None], 0.0, -jnp.inf).astype(z_s.dtype)
+    values, grad = kl_rows_with_grad(onehot_logits, z_s, wrt="b")
+    return values, grad * ct[:, None]
+
+
+def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
+    """Per-token loss ℓ and ∂(Σ ct·ℓ)/∂z_s for one chunk of tokens ([C, H] hidden states)."""
+    cdt = jnp.result_type(soft_w)
+    z_s = jnp.matmul(hs, ws, preferred_element_type=cdt)
+    z_t = jnp.matmul(ht, wt, preferred_element_type=cdt)
+    t = temperature.astype(cdt)
+    soft_scale = soft_w * t * t if cfg.t2 else soft_w
+    if cfg.unit_temperature:
+        soft, dz = _soft_rows(cfg, z_t, z_s, ct * soft_scale)
+    else:
+        soft, d_soft = _soft_rows(cfg, z_t / t, z_s / t, ct * soft_scale)
+        dz = d_soft / t
+    loss = soft_scale * soft
+    if cfg.hard:
+        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w)
+        loss = loss + hard_w * hard
+        dz = dz + d_hard
+    return loss, dz
+
+
+def _weight_grad(x, dz):
+    """xᵀ·dz accumulated in float32 (or float64) whatever the dtype of x."""
+    return jnp.matmul(x.T, dz.astype(x.dtype), preferred_element_type=dz.dtype)
+
+
+def _accumulate_weight_grad(acc, x, dz):
+    """acc + xᵀ·dz for x ``[C, H]``, dz ``[C, V]``, computed in tiles of H rows of the result.
+
+    One ``[H, V]`` product would be a temporary as large as the weight gradient itself, on top
+    of the accumulator; a tile's product is ``[tile, V]``. Tiles are contiguous rows of ``acc``,
+    and only small column slices of ``x`` are copied (dz is used whole).
+    """
+    h = x.shape[1]
+    rows = WEIGHT_TILE_BYTES // max(1, dz.shape[1] * dz.dtype.itemsize)
+    tile = max(1, min(h, max(MIN_WEIGHT_TILE, rows)))
+    if tile >= h:
+        return acc + _weight_grad(x, dz)
+
+    def body(start, first_new, acc):
+        xt = jax.lax.dynamic_slice_in_dim(x, start, tile, axis=1)
+        # The last tile overlaps the previous one: its already-added rows add 0.
+        fresh = (start + jnp.arange(tile)) >= first_new
+        xt = jnp.where(fresh[None, :], xt, jnp.zeros_like(xt))
+        rows = jax.lax.dynamic_slice_in_dim(acc, start, tile, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, rows + _weight_grad(xt, dz), start, 0)
+
+    return for_each_chunk(h, tile, body, acc)
+
+
+def _hidden_grad_t(dz, w):
+    """(dz·wᵀ)ᵀ = w·dzᵀ, ``[H, C]``, in the compute dtype.
+
+    Formed transposed: with few tokens per chunk, XLA's CPU matmul is ~25% faster with the
+    hidden size as the rows of the product than with the tokens (measured, [128 × 32768] chunks).
+    """
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(w, dz.astype(w.dtype), dims, preferred_element_type=dz.dtype)
+
+
+def _rows(x, start, c):
+    return jax.lax.dynamic_slice_in_dim(x, start, c, axis=0)
+
+
+def _put(buf, x, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=0)
+
+
+def _pass(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, grads: bool):
+    """One walk over the token chunks: per-token losses and, if ``grads``, Σ_i weights_i·∇ℓ_i."""
+    n, c = hs.shape[0], cfg.chunk
+    cdt = jnp.result_type(soft_w)
+
+    def chunk(start):
+        hs_c = _rows(hs, start, c)
+        args = (_rows(ht, start, c), wt, _rows(labels, start, c), _rows(weights, start, c))
+        return (hs_c, *_chunk_loss(cfg, hs_c, ws, *args, soft_w, hard_w, temperature))
+
+    def body(start, first_new, carry):
+        hs_c, loss, dz = chunk(start)
+        out = (_put(carry[0], loss, start),)
+        if grads:
+            gh_t = jax.lax.dynamic_update_slice_in_dim(carry[1], _hidden_grad_t(dz, ws), start, 1)
+            # Rows of the (overlapping) last chunk that an earlier chunk already added to
+            # grad_weight count once: zero them in the hidden states used for the sum.
+            fresh = (start + jnp.arange(c)) >= first_new
+            gw = _accumulate_weight_grad(carry[2], jnp.where(fresh[:, None], hs_c, 0), dz)
+            out += (gh_t, gw)
+        return out
+
+    loss0 = jnp.zeros((n,), cdt)
+    if not grads:
+        return for_each_chunk(n, c, body, (loss0,))
+    # The first chunk starts the sums: its weight-gradient product is the accumulator (no zero
+    # fill and no accumulation pass for it).
+    hs_0, loss, dz = chunk(0)
+    gh_t = jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros(hs.shape[::-1], cdt), _hidden_grad_t(dz, ws), 0, 1
+    )
+    init = (_put(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz))
+    out = for_each_chunk(n, c, body, init, first=1)
+    return out[0], out[1].T, out[2]
+
+
+# Scalar reductions (linear in the per-token values): gradients are folded in the forward pass.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_scalar(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature):
+    return _fused_scalar_fwd(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature)[0]
+
+
+def _fused_scalar_fwd(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature):
+    loss, gh, gw = _pass(
+        cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, grads=True
+    )
+    total = jnp.sum(weights * loss)
+    return (total, loss), (gh.astype(hs.dtype), gw.astype(ws.dtype))
+
+
+def _fused_scalar_bwd(cfg, res, cts):
+    gh, gw = res
+    g = cts[0]  # the per-token values are only used under stop_gradient
+    return (
+        (g * gh).astype(gh.dtype),
+        (g * gw).astype(gw.dtype),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_fused_scalar.defvjp(_fused_scalar_fwd, _fused_scalar_bwd)
+
+
+# reduction="none": the cotangent is per token, so the backward pass recomputes the logits.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_values(cfg, hs, ws, ht, wt, labels, soft_w, hard_w, temperature):
+    ones = jnp.ones(hs.shape[:1], jnp.result_type(soft_w))
+    return _pass(cfg, hs, ws, ht, wt, labels, ones, soft_w, hard_w, temperature, grads=False)[0]
+
+
+def _fused_values_fwd(cfg, hs, ws, ht, wt, labels, soft_w, hard_w, temperature):
+    out = _fused_values(cfg, hs, ws, ht, wt, labels, soft_w, hard_w, temperature)
+    return out, (hs, ws, ht, wt, labels, soft_w, hard_w, temperature)
+
+
+def _fused_values_bwd(cfg, res, g):
+    hs, ws, ht, wt, labels, soft_w, hard_w, temperature = res
+    _, gh, gw = _pass(cfg, hs, ws, ht, wt, labels, g, soft_w, hard_w, temperature, grads=True)
+    return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None, None, None
+
+
+_fused_values.defvjp(_fused_values_fwd, _fused_values_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _check_matrix(name_h, h, name_w, w):
+    _checks.check_floating(name_h, h)
+    _checks.check_floating(name_w, w)
+    if jnp.ndim(w) != 2:
+        raise ValueError(
+            f"kldiv: `{name_w}` must be a [hidden, vocab] matrix (a Flax Dense kernel); "
+            f"got shape {jnp.shape(w)}."
+        )
+    if jnp.ndim(h) < 1 or jnp.shape(h)[-1] != jnp.shape(w)[0]:
+        raise ValueError(
+            f"kldiv: `{name_h}` {jnp.shape(h)} does not match `{name_w}` {jnp.shape(w)}: the "
+            f"last axis of `{name_h}` must equal the first axis of `{name_w}`."
+        )
+
+
+def _vocab(vs: int, vt: int, vocab_size) -> int:
+    if vocab_size is None:
+        try:
+            _checks.check_same_event_size(("student_weight", "teacher_weight"), (vs, vt))
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (vocabulary sizes: student {vs}, teacher {vt}). Padded vocabularies are "
+                f"common (e.g. 151936 vs 151665); pass `vocab_size=V` to compare the "
+                f"distributions over the first V token ids of both."
+            ) from None
+        return vs
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, numbers.Integral)
+        or not 1 <= vocab_size <= min(vs, vt)
+    ):
+        raise ValueError(
+            f"kldiv: `vocab_size` must be a Python int in [1, {min(vs, vt)}] (the smaller of the "
+            f"student's {vs} and the teacher's {vt} vocabulary columns); got {vocab_size!r}."
+        )
+    return int(vocab_size)
+
+
+def fused_linear_kl(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_weight: jax.Array,
+    *,
+    reduction: str,
+    mask: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    direction: str = "forward",
+    beta: float = 0.5,
+    scale_by_temperature_squared: bool = False,
+    labels: jax.Array | None = None,
+    hard_weight: float | jax.Array = 0.0,
+    soft_weight: float | jax.Array = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    dataset_size: int | jax.Array | None = None,
+    count: jax.Array | float | None = None,
+    batch_size: jax.Array | int | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Distillation divergence between two linear heads without materialising their logits.
+
+    With student logits z_s = student_hidden @ student_weight, teacher logits
+    z_t = teacher_hidden @ teacher_weight, p = softmax(z_t/T) (teacher) and q = softmax(z_s/T)
+    (student), the per-token value is
+
+        ℓ = soft_weight · s · D(p, q)  +  hard_weight · CE(y, softmax(z_s)),
+
+    with s = T² if ``scale_by_temperature_squared`` else 1, D one of
+
+    * ``"forward"``: KL(p‖q) = ``kl_from_logits(z_t, z_s, temperature=T)`` (Hinton et al. 2015);
+    * ``"reverse"``: KL(q‖p) = ``kl_from_logits(z_s, z_t, temperature=T)`` (Gu et al. 2024);
+    * ``"jsd"``: JSD_β(p‖q) = β·KL(p‖m) + (1 − β)·KL(q‖m), m = βp + (1 − β)q
+      (``kldiv.family.js_from_logits(z_t, z_s, beta)``; Agarwal et al. 2024),
+
+    and CE(y, ·) = −log softmax(z_s)[y] the hard-label cross-entropy at temperature 1 (computed in
+    the same pass over the vocabulary). The loss is ``kldiv.reduce(ℓ, reduction, mask=kept)`` —
+    exactly the value of materialising both logits, calling those per-token functions and
+    reducing, up to float rounding — where a token is kept if ``mask`` keeps it and, when
+    ``labels`` are given, its label is not ``ignore_index``; ``"mean"`` divides by the number of
+    kept tokens. Dropped tokens touch neither value nor gradient, whatever their hidden states
+    hold.
+
+    The per-token numerics are those of :func:`kldiv.kl_from_logits` (accurate when p ≈ q,
+    finite for finite logits of any size, never negative).
+
+    Args:
+      student_hidden: ``[..., H_s]`` student hidden states (the inputs of its output layer).
+      student_weight: ``[H_s, V_s]`` student output projection (a Flax ``Dense`` kernel; for a
+        torch-style ``[V, H]`` matrix pass its transpose).
+      teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as the student's.
+      teacher_weight: ``[H_t, V_t]`` teacher output projection.
+      reduction: ``"none"``, ``"sum"``, ``"mean"``, ``"batchmean"`` or ``"dataset"`` (no
+        default; see :func:`kldiv.reduce`).
+      mask: optional token keep-mask (boolean, or numeric weights as in :func:`kldiv.reduce`),
+        shape broadcastable to the leading shape ``[...]``.
+      temperature: T > 0 dividing both logits for the soft term (not for the hard term).
+      direction: ``"forward"``, ``"reverse"`` or ``"jsd"``.
+      beta: the JSD mixture weight β ∈ [0, 1] (a Python number; 0.5: the standard JSD).
+      scale_by_temperature_squared: multiply the soft term by T² (Hinton et al.'s factor, which
+        keeps gradient magnitudes comparable across temperatures). Off by default: no T² unless
+        asked for.
+      labels: optional integer targets ``[...]`` in [0, V) (or ``ignore_index``) for the hard
+        term; entries equal to ``ignore_index`` drop the token from both terms.
+      hard_weight, soft_weight: weights of the two terms (Python numbers or scalar arrays).
+      ignore_index: the label value of ignored tokens.
+      vocab_size: compare over the first V token ids of both heads. Required when the two
+        vocabularies differ (e.g. padded 151936 vs 151665 columns); otherwise a ValueError names
+        both sizes. The student's columns beyond V get zero gradient.
+      dataset_size, count, batch_size: passed to :func:`kldiv.reduce`.
+      chunk_size: tokens per chunk; default: about ``CHUNK_BYTES`` of ``[C, V]`` logits, at
+        least ``MIN_CHUNK`` tokens. Temporary memory is about four ``[C, V]`` blocks plus one
+        ``[H, V]`` weight-gradient accumulator, whatever the number of tokens.
+
+    Returns:
+      The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
+      tokens 0); float32 for 16-bit inputs, else the inputs' float dtype. Differentiable in reverse
+      mode w.r.t. the student's hidden states and weight; the teacher is frozen (its cotangents
+      are zero, as under ``jax.lax.stop_gradient``).
+
+    Raises:
+      TypeError: non-floating hidden states or weights, non-integer labels, a traced ``beta``.
+      ValueError: mismatched hidden/weight shapes or leading shapes, different vocabulary sizes
+        without ``vocab_size``, unknown ``direction``/``reduction``, β outside [0, 1], a Python
+        temperature ≤ 0, ``hard_weight`` without ``labels``.
+
+    References:
+      Hinton et al. (2015), "Distilling the knowledge in a neural network"; Agarwal et al. (2024),
+      "On-policy distillation of language models" (GKD); Hsu et al. (2024), "Liger Kernel"
+      (fused linear cross-entropy/JSD).
+    """
+    _check_matrix("student_hidden", student_hidden, "student_weight", student_weight)
+    _check_matrix("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    lead = tuple(jnp.shape(student_hidden)[:-1])
+    if tuple(jnp.shape(teacher_hidden)[:-1]) != lead:
+        raise ValueError(
+            f"kldiv: `student_hidden` {jnp.shape(student_hidden)} and `teacher_hidden` "
+            f"{jnp.shape(teacher_hidden)} must have the same leading (token) shape."
+        )
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"kldiv: unknown direction {direction!r}; allowed: " + ", ".join(map(repr, DIRECTIONS))
+        )
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(
+            f"kldiv: unknown reduction {reduction!r}; allowed: " + ", ".join(map(repr, REDUCTIONS))
+        )
+    if direction == "jsd":
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+            raise TypeError(f"kldiv: `beta` must be a Python number; got {type(beta).__name__}.")
+        if not 0 <= beta <= 1:
+            raise ValueError(f"kldiv: `beta` must be in [0, 1]; got {beta}.")
+    _checks.check_temperature(temperature)
+    if labels is None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0):
+        raise ValueError("kldiv: `hard_weight` is set but no `labels` were given.")
+
+    vs, vt = jnp.shape(student_weight)[1], jnp.shape(teacher_weight)[1]
+    v = _vocab(vs, vt, vocab_size)
+    hs = jnp.asarray(student_hidden)
+    ht = jnp.asarray(teacher_hidden)
+    ws_full = jnp.asarray(student_weight)
+    ws = ws_full if v == vs else ws_full[:, :v]
+    wt = jax.lax.stop_gradient(jnp.asarray(teacher_weight))
+    wt = wt if v == vt else wt[:, :v]
+    ht = jax.lax.stop_gradient(ht)
+    cdt = _checks.compute_dtype(hs, ws, ht, wt)
+
+    # Kept tokens: the reduction's mask, and labels other than ignore_index.
+    reduce_mask = None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        try:
+            ok = tuple(np.broadcast_shapes(mask.shape, lead)) == lead
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"kldiv: `mask` of shape {mask.shape} does not broadcast to the tokens' shape "
+                f"{lead} (the hidden states' leading shape)."
+            )
+        reduce_mask = jnp.broadcast_to(mask, lead)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise TypeError(f"kldiv: `labels` must have an integer dtype; got {labels.dtype}.")
+        if labels.shape != lead:
+            raise ValueError(
+                f"kldiv: `labels` {labels.shape} must have the hidden states' leading shape {lead}."
+            )
+        label_keep = labels != ignore_index
+        if reduce_mask is None:
+            reduce_mask = label_keep
+        elif reduce_mask.dtype == jnp.bool_:
+            reduce_mask = reduce_mask & label_keep
+        else:
+            reduce_mask = jnp.where(label_keep, reduce_mask, 0)
+
+    n = int(np.prod(lead, dtype=np.int64))
+    hs = hs.reshape(n, hs.shape[-1])
+    ht = ht.reshape(n, ht.shape[-1])
+    if reduce_mask is not None:
+        keep = jnp.broadcast_to(reduce_mask, lead).reshape(n) != 0
+        # Dropped tokens: zero hidden states, so whatever they held never reaches a value.
+        hs = jnp.where(keep[:, None], hs, 0)
+        ht = jnp.where(keep[:, None], ht, 0)
+    else:
+        keep = None
+    if labels is not None:
+        flat = labels.reshape(n)
+        labels_c = flat if keep is None else jnp.where(keep, flat, 0)
+    else:
+        labels_c = jnp.zeros((n,), jnp.int32)
+
+    itemsize = jnp.dtype(cdt).itemsize
+    if chunk_size is None:
+        chunk = max(MIN_CHUNK, CHUNK_BYTES // max(1, v * itemsize))
+    else:
+        chunk = int(chunk_size)
+    chunk = max(1, min(max(n, 1), chunk))
+    unit_t = isinstance(temperature, numbers.Real) and temperature == 1
+    # The hard term is computed when there are labels and its weight is not the Python number 0
+    # (labels alone, with hard_weight=0, only drop ignore_index tokens).
+    hard = labels is not None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0)
+    cfg = _Config(direction, float(beta), chunk, hard, bool(scale_by_temperature_squared), unit_t)
+    soft_w = jnp.asarray(soft_weight, cdt)
+    hard_w = jnp.asarray(hard_weight, cdt)
+    temp = jnp.asarray(temperature, cdt)
+
+    def reduce_fn(values):
+        return reduce(
+            values.reshape(lead),
+            reduction,
+            mask=reduce_mask,
+            dataset_size=dataset_size,
+            count=count,
+            batch_size=batch_size,
+        )
+
+    if n == 0:
+        return reduce_fn(jnp.zeros((0,), cdt))
+    if reduction == "none":
+        values = _fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp)
+        return reduce_fn(values)
+    # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
+    # the per-token weights that the forward pass folds into the gradients.
+    _, reduce_vjp = jax.vjp(reduce_fn, jnp.zeros((n,), cdt))
+    (weights,) = reduce_vjp(jnp.ones((), cdt))
+    total, values = _fused_scalar(cfg, hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)
+    # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
+    # linear), which the custom VJP supplies.
+    value = reduce_fn(jax.lax.stop_gradient(values))
+    delta = total - jax.lax.stop_gradient(total)
+    return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))

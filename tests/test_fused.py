@@ -1,0 +1,282 @@
+"""Tests for kldiv.fused: the chunked and Pallas paths of kl_from_logits.
+
+The whole of tests/test_discrete.py also runs against these paths (it is parameterised over
+``kldiv.discrete.LOGIT_IMPLS``). Here: several chunks per call (row counts that are not a
+multiple of the chunk), float64 references from scipy, edges, memory, Pallas in interpret mode,
+the Triton lowering, and the ``"auto"`` choice.
+"""
+
+from __future__ import annotations
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.special
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kldiv
+from kldiv import fused
+from kldiv.fused import chunked, pallas
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _ref_kl_and_grads(a, b):
+    """Float64 KL(softmax(a)‖softmax(b)) per row and its gradients, from scipy log-softmax."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    with np.errstate(invalid="ignore"):  # all −inf rows: NaN here, patched by the callers
+        lp, lq = scipy.special.log_softmax(a, -1), scipy.special.log_softmax(b, -1)
+        p, q = np.exp(lp), np.exp(lq)
+        kl = scipy.special.rel_entr(p, q).sum(-1)
+        ga = np.where(p > 0, p * (lp - lq - kl[..., None]), 0.0)
+    return kl, ga, q - p
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several chunks on small test shapes (a few hundred bytes per chunk)."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 3 * 8 * 16)
+
+
+def _value_and_grads(f, a, b, weights):
+    return jax.value_and_grad(lambda x, y: jnp.sum(f(x, y) * weights), (0, 1))(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked path against float64 references.
+
+
+@pytest.mark.parametrize("n,v,chunk", [(1, 5, 1), (7, 16, 3), (10, 33, 4), (12, 8, 12), (9, 3, 20)])
+def test_chunked_matches_reference(n, v, chunk):
+    rng = _rng(n + v)
+    a, b = rng.normal(size=(2, n, v)) * 3
+    w = rng.uniform(0.5, 2.0, size=n)
+    val, (ga, gb) = _value_and_grads(
+        lambda x, y: chunked.kl_logits_chunked(x, y, chunk_size=chunk), a, b, w
+    )
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(a, b)
+    np.testing.assert_allclose(val, np.sum(kl * w), rtol=1e-12)
+    np.testing.assert_allclose(ga, ref_ga * w[:, None], atol=1e-13)
+    np.testing.assert_allclose(gb, ref_gb * w[:, None], atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_public_api_batch_shape_axis_and_broadcast(impl, small_chunks):
+    rng = _rng(1)
+    a = rng.normal(size=(3, 11, 4)) * 2  # event axis 1
+    b = rng.normal(size=(3, 11, 4)) * 2
+    out = kldiv.kl_from_logits(a, b, axis=1, impl=impl)
+    ref, _, _ = _ref_kl_and_grads(np.moveaxis(a, 1, -1), np.moveaxis(b, 1, -1))
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    # one reference row against a batch; gradient w.r.t. the shared row sums over the batch.
+    prior, batch = rng.normal(size=(11,)), rng.normal(size=(5, 11))
+    val, (gp, gq) = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl)), (0, 1)
+    )(prior, batch)
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(np.broadcast_to(prior, batch.shape), batch)
+    np.testing.assert_allclose(val, kl.sum(), rtol=1e-12)
+    np.testing.assert_allclose(gp, ref_ga.sum(0), atol=1e-13)
+    np.testing.assert_allclose(gq, ref_gb, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_where_with_nan_and_neg_inf_entries(impl, small_chunks):
+    rng = _rng(2)
+    a, b = rng.normal(size=(2, 6, 9))
+    keep = rng.random((6, 9)) > 0.3
+    keep[4] = False  # a row with no entries left
+    a_bad = np.where(keep, a, np.nan)
+    b_bad = np.where(keep, b, np.inf)
+    val, (ga, gb) = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, where=keep, impl=impl)), (0, 1)
+    )(a_bad, b_bad)
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(np.where(keep, a, -np.inf), np.where(keep, b, -np.inf))
+    kl = np.nan_to_num(kl)
+    np.testing.assert_allclose(val, kl.sum(), rtol=1e-12)
+    np.testing.assert_allclose(ga, np.nan_to_num(ref_ga), atol=1e-13)
+    np.testing.assert_allclose(gb, np.nan_to_num(ref_gb), atol=1e-13)
+    assert np.all(ga[~keep] == 0) and np.all(gb[~keep] == 0)
+    # −inf logits in the inputs themselves (a vocabulary mask baked into the logits).
+    a_inf = np.where(keep, a, -np.inf)
+    b_inf = np.where(keep, b, -np.inf)
+    out = kldiv.kl_from_logits(a_inf, b_inf, impl=impl)
+    np.testing.assert_allclose(out, kl, rtol=1e-12)
+    # p > 0 where q = 0 gives +inf, never NaN.
+    b_off = b_inf.copy()
+    b_off[0, np.argmax(keep[0])] = -np.inf
+    assert np.isposinf(kldiv.kl_from_logits(a_inf, b_off, impl=impl)[0])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_temperature_and_low_precision(impl, small_chunks):
+    rng = _rng(3)
+    a, b = rng.normal(size=(2, 5, 40)) * 4
+    t = 2.5
+    val, (ga, gb) = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, temperature=t, impl=impl)), (0, 1)
+    )(a, b)
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(a / t, b / t)
+    np.testing.assert_allclose(val, kl.sum(), rtol=1e-12)
+    np.testing.assert_allclose(ga, ref_ga / t, atol=1e-13)
+    np.testing.assert_allclose(gb, ref_gb / t, atol=1e-13)
+    a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    out = kldiv.kl_from_logits(a16, b16, impl=impl)
+    assert out.dtype == jnp.float32
+    kl16, _, ref_gb16 = _ref_kl_and_grads(np.asarray(a16, np.float64), np.asarray(b16, np.float64))
+    np.testing.assert_allclose(out, kl16, rtol=2e-6)
+    g = jax.grad(lambda y: jnp.sum(kldiv.kl_from_logits(a16, y, impl=impl)))(b16)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float64), ref_gb16, atol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_huge_logits_and_accuracy_near_equal(impl, small_chunks):
+    rng = _rng(4)
+    # finite float32 logits of any size: finite values and gradients.
+    a = jnp.asarray(rng.normal(size=(4, 7)) * 1e37, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(4, 7)) * 1e37, jnp.float32)
+    val, grads = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl)), (0, 1)
+    )(a, b)
+    assert np.isfinite(val) and val >= 0
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    # p ≈ q in float32: relative accuracy of a tiny KL (the textbook formula loses every digit).
+    base = rng.normal(size=(6, 300)) * 3
+    a32 = jnp.asarray(base, jnp.float32)
+    b32 = jnp.asarray(base + 1e-3 * rng.normal(size=base.shape), jnp.float32)
+    out = kldiv.kl_from_logits(a32, b32, impl=impl)
+    ref, _, _ = _ref_kl_and_grads(np.asarray(a32, np.float64), np.asarray(b32, np.float64))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-4)
+    assert np.all(np.asarray(kldiv.kl_from_logits(a32, a32, impl=impl)) == 0)
+    # Equal up to the rounding of a + 7: a KL of order 1e-14, not the ~1e-7 noise of cancellation.
+    shifted = np.asarray(kldiv.kl_from_logits(a32, a32 + 7.0, impl=impl))
+    assert np.all((shifted >= 0) & (shifted < 1e-12)), shifted
+
+
+def test_jit_vmap_and_grad_agree(small_chunks):
+    rng = _rng(5)
+    a, b = rng.normal(size=(2, 3, 5, 13))
+    f = lambda x, y: kldiv.kl_from_logits(x, y, impl="chunked")  # noqa: E731
+    eager = f(a, b)
+    np.testing.assert_allclose(jax.jit(f)(a, b), eager, rtol=1e-13)
+    np.testing.assert_allclose(jax.vmap(f)(a, b), eager, rtol=1e-13)
+    g = jax.grad(lambda x, y: jnp.sum(f(x, y) ** 2), (0, 1))
+    want = g(a, b)
+    for got in (jax.jit(g)(a, b), jax.vmap(g)(a, b)):  # the sum over examples decouples
+        for g1, g2 in zip(got, want, strict=True):
+            np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=9),
+    chunk=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_xla_property(shape, chunk, seed):
+    rng = _rng(seed)
+    a, b = rng.normal(size=(2, *shape)) * rng.uniform(0.1, 20)
+    w = rng.normal(size=shape[0])
+    got = _value_and_grads(lambda x, y: chunked.kl_logits_chunked(x, y, chunk_size=chunk), a, b, w)
+    want = _value_and_grads(lambda x, y: kldiv.kl_from_logits(x, y, impl="xla"), a, b, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-11, atol=1e-14)
+    for g1, g2 in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: O(N) residuals, temporaries independent of N.
+
+
+def _optax_loss(a, b):
+    lp, lq = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+    return jnp.sum(optax.losses.kl_divergence_with_log_targets(lq, lp))
+
+
+def _temp_bytes(f, n, v):
+    x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    grad = jax.jit(jax.value_and_grad(f, (0, 1)))
+    return grad.lower(x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_temporary_memory_is_small_and_flat_in_n():
+    chunked_loss = lambda a, b: jnp.sum(kldiv.kl_from_logits(a, b, impl="chunked"))  # noqa: E731
+    ours = _temp_bytes(chunked_loss, 512, 8192)
+    peer = _temp_bytes(_optax_loss, 512, 8192)
+    assert ours <= 0.1 * peer, (ours, peer)
+    # Four times the rows: the composition's temporaries grow 4× (O(N·V)); ours grow only by the
+    # per-row statistics, a few scalars per row (O(N)).
+    ours_4n = _temp_bytes(chunked_loss, 2048, 8192)
+    assert ours_4n - ours <= 64 * (2048 - 512), (ours, ours_4n)
+    assert _temp_bytes(_optax_loss, 2048, 8192) >= 3.9 * peer
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas kernel (interpret mode on CPU; small shapes, it is slow).
+
+
+@pytest.mark.parametrize("n,v,block", [(3, 37, 16), (2, 16, 16), (4, 5, None)])
+def test_pallas_interpret_matches_reference(n, v, block):
+    rng = _rng(v)
+    a, b = rng.normal(size=(2, n, v)) * 3
+    a[0, :4] = -np.inf  # masked entries inside a block and a partial last block
+    b[0, :4] = -np.inf
+    w = rng.uniform(0.5, 2.0, size=n)
+    val, (ga, gb) = _value_and_grads(
+        lambda x, y: pallas.kl_logits_pallas(x, y, interpret=True, block=block), a, b, w
+    )
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(a, b)
+    np.testing.assert_allclose(val, np.sum(kl * w), rtol=1e-12)
+    np.testing.assert_allclose(ga, np.nan_to_num(ref_ga) * w[:, None], atol=1e-13)
+    np.testing.assert_allclose(gb, ref_gb * w[:, None], atol=1e-13)
+
+
+def test_pallas_block_size():
+    assert pallas.block_size(5) == 16
+    assert pallas.block_size(1000) == 1024
+    assert pallas.block_size(151936) == pallas.MAX_BLOCK
+
+
+def test_pallas_lowers_to_triton():
+    """The kernels lower to Triton IR for a CUDA target (no GPU needed to lower; compiling the
+    IR to machine code and running it needs one and is not covered here)."""
+    x = jax.ShapeDtypeStruct((64, 5000), jnp.float32)
+    f = jax.value_and_grad(
+        lambda a, b: jnp.sum(pallas.kl_logits_pallas(a, b, interpret=False)), (0, 1)
+    )
+    try:
+        lowered = jax.jit(f).trace(x, x).lower(lowering_platforms=("cuda",))
+    except (ImportError, RuntimeError) as e:  # jaxlib without Triton/CUDA lowering support
+        pytest.skip(f"no Triton lowering available: {e}")
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch.
+
+
+def test_auto_choice():
+    big = (1024, 32768)
+    assert fused.choose_logits_impl(big, backend="gpu") == "pallas"
+    assert fused.choose_logits_impl(big, backend="cpu") == "chunked"
+    assert fused.choose_logits_impl(big, backend="tpu") == "chunked"
+    assert fused.choose_logits_impl((4, 100), backend="cpu") == "xla"
+    assert fused.choose_logits_impl((0, 100), backend="gpu") == "xla"
+    n = fused.AUTO_CHUNKED_MIN_ELEMENTS
+    assert fused.choose_logits_impl((n // 8, 8), backend="cpu") == "chunked"
+    assert fused.choose_logits_impl((n // 8 - 1, 8), backend="cpu") == "xla"
+
+
+def test_unknown_impl_and_empty_inputs():
+    with pytest.raises(ValueError, match="impl"):
+        kldiv.kl_from_logits(np.zeros(3), np.zeros(3), impl="triton")
+    for impl in ("chunked", "pallas"):
+        out = kldiv.kl_from_logits(np.zeros((0, 4)), np.zeros((0, 4)), impl=impl)
+        assert out.shape == (0,)
