@@ -5,6 +5,20 @@ examples is always explicit, through :func:`kldiv.reduce`. Argument order is mat
 ``kl(p, q)`` is KL(p‖q) with p the reference/target and q the model.
 """
 
+# Submodules, reachable as kldiv.gaussian etc. (kldiv.nnx is imported explicitly: it needs flax).
+from kldiv import (  # noqa: F401  (submodules as attributes)
+    closed_forms,
+    discrete,
+    estimators,
+    family,
+    fused,
+    gaussian,
+    losses,
+    montecarlo,
+    reductions,
+    topk,
+    vae,
+)
 from kldiv._checks import validate_log_probs, validate_probs
 from kldiv.closed_forms import kl_bernoulli_from_logits, kl_dirichlet
 from kldiv.discrete import kl, kl_from_log_probs, kl_from_logits
@@ -57,9 +71,27 @@ from kldiv.family import (
     total_variation_from_log_probs,
     total_variation_from_logits,
 )
+from kldiv.fused import fused_linear_kl
+from kldiv.gaussian import (
+    kl_diag,
+    kl_diag_log_scale,
+    kl_diag_scale,
+    kl_full,
+    kl_lowrank,
+    kl_standard_normal,
+    kl_standard_normal_log_scale,
+    kl_standard_normal_scale,
+)
 from kldiv.montecarlo import MCKLEstimate, mc_kl
 from kldiv.reductions import REDUCTIONS, count_kept, reduce
 from kldiv.topk import kl_topk_teacher, validate_topk_ids
+from kldiv.vae import (
+    cyclical_kl_schedule,
+    elbo_kl,
+    free_bits_kl,
+    kl_weight,
+    vae_kl,
+)
 
 __version__ = "0.1.0"
 
@@ -77,12 +109,16 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_from_log_probs",
     "cross_entropy_from_logits",
+    "cyclical_kl_schedule",
+    "elbo_kl",
     "entropy",
     "entropy_from_log_probs",
     "entropy_from_logits",
     "f_divergence",
     "f_divergence_from_log_probs",
     "f_divergence_from_logits",
+    "free_bits_kl",
+    "fused_linear_kl",
     "jeffreys",
     "jeffreys_from_log_probs",
     "jeffreys_from_logits",
@@ -92,17 +128,26 @@ __all__ = [
     "js_generator",
     "kl",
     "kl_bernoulli_from_logits",
+    "kl_diag",
+    "kl_diag_log_scale",
+    "kl_diag_scale",
     "kl_dirichlet",
     "kl_from_log_probs",
     "kl_from_logits",
+    "kl_full",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "kl_k3_importance_weighted",
+    "kl_lowrank",
     "kl_penalty",
     "kl_penalty_exact",
+    "kl_standard_normal",
+    "kl_standard_normal_log_scale",
+    "kl_standard_normal_scale",
     "kl_straight_through",
     "kl_topk_teacher",
+    "kl_weight",
     "mc_kl",
     "pearson_chi2",
     "pearson_chi2_from_log_probs",
@@ -120,6 +165,7 @@ __all__ = [
     "total_variation",
     "total_variation_from_log_probs",
     "total_variation_from_logits",
+    "vae_kl",
     "validate_log_probs",
     "validate_probs",
     "validate_topk_ids",

@@ -13,8 +13,8 @@ Training losses (each takes ``reduction=`` with no default, see :func:`kldiv.red
 
 * :func:`distillation_loss` — teacher/student logits, temperature (optional Hinton T² scaling),
   ignored-token mask, forward / reverse / generalised-JSD direction.
-* :func:`kldiv.vae.vae_kl_loss` re-exported here — the Gaussian VAE KL term (dataset scaling,
-  β, free bits).
+* :func:`vae_kl` (from :mod:`kldiv.vae`, re-exported here) — the Gaussian VAE KL term (dataset
+  scaling, β and annealing schedules, free bits).
 * :func:`kl_penalty` (from :mod:`kldiv.estimators`, re-exported here) — the RL KL penalty from
   per-token log-probabilities of sampled tokens (k1/k2/k3 estimators, straight-through
   gradients, clamping), and :func:`kl_penalty_exact`, the zero-variance full-vocabulary penalty.
@@ -36,6 +36,7 @@ from kldiv._numerics import kl_terms
 from kldiv.discrete import kl_from_logits
 from kldiv.estimators import kl_penalty, kl_penalty_exact
 from kldiv.reductions import reduce
+from kldiv.vae import vae_kl
 
 __all__ = [
     "distillation_loss",
@@ -43,6 +44,7 @@ __all__ = [
     "kl_divergence_with_log_targets",
     "kl_penalty",
     "kl_penalty_exact",
+    "vae_kl",
 ]
 
 DIRECTIONS = ("forward", "reverse", "jsd")
