@@ -20,7 +20,8 @@ def render(directory: str = "bench/results") -> str:
         with open(path) as f:
             data = json.load(f)
         m = data["machine"]
-        parts.append(f"### {data['suite']}\n")
+        stem = os.path.splitext(path)[0]
+        parts.append(f"### {os.path.basename(stem)} (suite `{data['suite']}`)\n")
         parts.append(
             f"Measured on {m['cpu']} ({m['cores']} cores), JAX {m['jax']} backend "
             f"`{m['backend']}` ({m['device']}), commit {m.get('commit')}; "
@@ -28,8 +29,7 @@ def render(directory: str = "bench/results") -> str:
             f"{', quick shapes' if data['args'].get('quick') else ''}.\n"
         )
         parts.append(format_table(data["rows"]) + "\n")
-        stem = os.path.splitext(path)[0]
-        for png in sorted(glob.glob(stem + "*.png")):
+        for png in sorted(glob.glob(stem + "_*.png") + glob.glob(stem + ".png")):
             parts.append(f"![{os.path.basename(png)}]({png})\n")
     return "\n".join(parts)
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.scipy.linalg import solve_triangular
 from jax.typing import ArrayLike
 
@@ -185,34 +186,73 @@ def _drop_unit_batch(l: jax.Array) -> jax.Array:
     return l
 
 
-def _solve_sq_rows(l: jax.Array, x: jax.Array, strict_lower: bool = False) -> jax.Array:
-    """Row sums of squares of M = L⁻¹X: Σ_j M_ij² (over j < i only if ``strict_lower``).
+@jax.custom_jvp
+def _tri_solve(l: jax.Array, b: jax.Array) -> jax.Array:
+    """L⁻¹B for lower-triangular L (upper triangle ignored), same batch axes or none.
+
+    The tangent is the closed form L⁻¹(dB − tril(dL)·Y), so reverse mode needs one more solve
+    (with Lᵀ) and one matrix product: two triangular solves in all, run one after the other.
+    (Differentiating ``solve_triangular`` directly adds a third, independent one; on CPU two
+    batched LAPACK solves in flight at once can deadlock jaxlib's shared thread pool.)
+    """
+    return solve_triangular(l, b, lower=True)
+
+
+def _tri_solve_jvp(primals, tangents):
+    l, b = primals
+    dl, db = tangents
+    y = _tri_solve(l, b)
+    rhs = jnp.zeros_like(y) if isinstance(db, SymbolicZero) else db
+    if not isinstance(dl, SymbolicZero):
+        rhs = rhs - jnp.matmul(jnp.tril(dl), y, precision=_HIGHEST)
+    return y, solve_triangular(l, rhs, lower=True)
+
+
+_tri_solve.defjvp(_tri_solve_jvp, symbolic_zeros=True)
+
+
+def _solve_sq_rows(l: jax.Array, x: jax.Array, n_strict: int = 0) -> jax.Array:
+    """Row sums of squares of M = L⁻¹X: Σ_j M_ij², over j < i only for the first ``n_strict``
+    columns (the strict lower triangle of a square block) and over every other column.
 
     ``l``: lower-triangular ``[..., d, d]``; ``x``: ``[..., d, n]``; returns ``[..., d]`` for the
     broadcast batch shape. When ``l`` has no batch axes (a shared prior) the columns of every
     example's ``x`` are stacked into one ``[d, batch·n]`` right-hand side and solved once: a single
     level-3 triangular solve against the shared factor instead of one solve per example. The
     stacked columns are laid out so that the solve reads and writes them without further copies.
+    Callers pass all their right-hand sides in one ``x``: one solve per call is cheaper, and on
+    CPU two batched LAPACK solves running concurrently can deadlock jaxlib's shared thread pool.
     """
     d, n = x.shape[-2], x.shape[-1]
     if l.ndim == 2:
         batch = x.shape[:-2]
         cols_t = jnp.swapaxes(x, -1, -2).reshape(-1, d)  # row (b, j) = column j of x_b
-        m_t = solve_triangular(l, cols_t.T, lower=True).T.reshape(*batch, n, d)  # (L⁻¹x_b)ᵀ
+        m_t = _tri_solve(l, cols_t.T).T.reshape(*batch, n, d)  # (L⁻¹x_b)ᵀ
         row_axis, col_axis = m_t.ndim - 1, m_t.ndim - 2
     else:
         batch = tuple(np.broadcast_shapes(l.shape[:-2], x.shape[:-2]))
         l = jnp.broadcast_to(l, (*batch, d, d))
-        m_t = solve_triangular(l, jnp.broadcast_to(x, (*batch, d, n)), lower=True)
+        m_t = _tri_solve(l, jnp.broadcast_to(x, (*batch, d, n)))
         row_axis, col_axis = m_t.ndim - 2, m_t.ndim - 1
     sq = m_t * m_t
-    if strict_lower:
+    if n_strict:
         shape = [1] * m_t.ndim
         shape[row_axis], shape[col_axis] = d, n
         i = jax.lax.broadcasted_iota(jnp.int32, shape, row_axis)
         j = jax.lax.broadcasted_iota(jnp.int32, shape, col_axis)
-        sq = jnp.where(j < i, sq, jnp.zeros_like(sq))
+        sq = jnp.where((j < i) | (j >= n_strict), sq, jnp.zeros_like(sq))
     return jnp.sum(sq, axis=col_axis)
+
+
+def _concat_columns(l: jax.Array, blocks: list[jax.Array]) -> jax.Array | None:
+    """``blocks`` ([..., d, n_k]) side by side as one right-hand side, or None when a shared
+    factor would have to be solved against copies of a block with fewer batch axes."""
+    batch = tuple(np.broadcast_shapes(*(b.shape[:-2] for b in blocks)))
+    if l.ndim == 2 and any(b.shape[:-2] != batch for b in blocks):
+        return None
+    if l.ndim > 2:
+        batch = tuple(np.broadcast_shapes(batch, l.shape[:-2]))
+    return jnp.concatenate([jnp.broadcast_to(b, (*batch, *b.shape[-2:])) for b in blocks], -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,11 +483,13 @@ def kl_full(
     # M = L_q⁻¹L_p = I + L_q⁻¹(L_p − L_q): the strict lower triangles agree, and solving against
     # the exact difference makes equal factors give exactly 0 and nearly equal ones a tiny,
     # relatively accurate value (no cancellation against the identity).
-    twice_terms = (
-        exp_excess(r)
-        + _solve_sq_rows(lq, lp - lq, strict_lower=True)
-        + _solve_sq_rows(lq, (mp - mq)[..., None])
-    )
+    diff, delta = lp - lq, (mp - mq)[..., None]
+    rhs = _concat_columns(lq, [diff, delta])
+    if rhs is not None:  # the usual case: one solve for [L_p − L_q | μ_p − μ_q]
+        solved = _solve_sq_rows(lq, rhs, n_strict=lp.shape[-1])
+    else:  # shared factors, batched means: do not copy L_p − L_q per example
+        solved = _solve_sq_rows(lq, diff, n_strict=lp.shape[-1]) + _solve_sq_rows(lq, delta)
+    twice_terms = exp_excess(r) + solved
     return _finish(twice_terms, batch, per_dim)
 
 
@@ -455,28 +497,65 @@ def kl_full(
 # Diagonal plus low-rank covariances.
 
 
-def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
-    """aᵀb over the event axis: ``[..., D, k] × [..., D, n] → [..., k, n]``."""
-    return jnp.einsum("...dk,...dn->...kn", a, b, precision=_HIGHEST)
+def _householder(a: jax.Array, want_q: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Householder QR of ``a`` ``[..., m, k]`` (m ≥ k, full column rank) in plain XLA ops.
 
-
-def _capacitance_factor(u_white: jax.Array) -> jax.Array:
-    """Lower-triangular L with L Lᵀ = I + ŨᵀŨ, the k×k capacitance matrix (Ũ = D^{-1/2}U).
-
-    Taken from the QR factorisation of the stacked ``[Ũ; I]`` ((D+k)×k), whose R satisfies
-    RᵀR = ŨᵀŨ + I: forming the Gram matrix first would lose the identity to rounding (and make
-    the Cholesky factorisation fail) when a row of Ũ is large, i.e. a diagonal entry is tiny.
-    The signs of R's diagonal are immaterial: only L Lᵀ and |diag L| are used.
+    Returns (|diag R| ``[..., k]``, the thin Q ``[..., m, k]`` or None). Backward stable in any
+    precision, differentiable, batched, and free of LAPACK calls (on CPU, concurrent batched
+    LAPACK calls can deadlock jaxlib's thread pool). Cost O(m·k²) per matrix.
     """
-    k = u_white.shape[-1]
+    m, k = a.shape[-2], a.shape[-1]
+    row = jnp.arange(m)
+    batch = a.shape[:-2]
+
+    def reflect(u, x):  # (I − u uᵀ) x for x [..., m, n]
+        return (
+            x
+            - u[..., :, None]
+            * jnp.einsum("...m,...mn->...n", u, x, precision=_HIGHEST)[..., None, :]
+        )
+
+    def step(j, carry):
+        a, us, alphas = carry
+        col = jnp.take(a, j, axis=-1)
+        x = jnp.where(row >= j, col, jnp.zeros_like(col))
+        alpha = jnp.sqrt(jnp.sum(x * x, axis=-1))  # |R_jj| > 0 for a full-rank column
+        xj = jnp.take(col, j, axis=-1)
+        sign = jnp.where(xj >= 0, 1.0, -1.0).astype(a.dtype)
+        v = x + jnp.where(row == j, (sign * alpha)[..., None], jnp.zeros_like(x))
+        u = v * jnp.sqrt(1.0 / (alpha * (alpha + jnp.abs(xj))))[..., None]  # ‖u‖² = 2
+        us = jax.lax.dynamic_update_index_in_dim(us, u, j, axis=0)
+        alphas = jax.lax.dynamic_update_index_in_dim(alphas, alpha, j, axis=0)
+        return reflect(u, a), us, alphas
+
+    us = jnp.zeros((k, *batch, m), a.dtype)
+    alphas = jnp.zeros((k, *batch), a.dtype)
+    _, us, alphas = jax.lax.fori_loop(0, k, step, (a, us, alphas))
+    alphas = jnp.moveaxis(alphas, 0, -1)
+    if not want_q:
+        return alphas, None
+    q = jnp.broadcast_to(jnp.eye(m, k, dtype=a.dtype), a.shape)
+    q = jax.lax.fori_loop(0, k, lambda i, q: reflect(us[k - 1 - i], q), q)
+    return alphas, q
+
+
+def _capacitance(u_white: jax.Array, want_q: bool) -> tuple[jax.Array, jax.Array | None]:
+    """log|I + ŨᵀŨ| and (optionally) Q₁, the top D rows of the thin Q of ``[Ũ; I]``.
+
+    With [Ũ; I] = QR: RᵀR = I + ŨᵀŨ = C (so log|C| = 2Σ log|R_ii|) and Ũ = Q₁R, hence
+    L_c⁻¹ŨᵀW = Q₁ᵀW for L_c = Rᵀ: the Woodbury corrections need no triangular solve. Taking R
+    from a QR factorisation instead of forming ŨᵀŨ keeps the identity from being lost to rounding
+    (and a Cholesky factorisation from failing) when a row of Ũ is large (a tiny diagonal entry).
+    """
+    d, k = u_white.shape[-2], u_white.shape[-1]
     eye = jnp.broadcast_to(jnp.eye(k, dtype=u_white.dtype), (*u_white.shape[:-2], k, k))
-    r = jnp.linalg.qr(jnp.concatenate([u_white, eye], axis=-2), mode="r")
-    return jnp.swapaxes(r, -1, -2)
+    alphas, q = _householder(jnp.concatenate([u_white, eye], axis=-2), want_q)
+    log_det = 2 * jnp.sum(jnp.log(alphas), axis=-1)
+    return log_det, None if q is None else q[..., :d, :]
 
 
-def _log_det_tril(l: jax.Array) -> jax.Array:
-    """log|L Lᵀ| = 2 Σ log|L_ii|."""
-    return 2 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))), axis=-1)
+def _sq_norm(x: jax.Array) -> jax.Array:
+    return jnp.sum(x * x, axis=(-2, -1))
 
 
 def kl_lowrank(
@@ -496,20 +575,26 @@ def kl_lowrank(
     low-rank posterior against a diagonal prior or the reverse works too.
 
     Computed in O(D·K²) per example, never forming a D×D matrix. In the coordinates whitened by
-    q's diagonal (Ũ = D_q^{-1/2}U, z = D_q^{-1/2}(μ_p − μ_q), r = log(d_p/d_q)), with the K_q×K_q
-    capacitance C_q = I + Ũ_qᵀŨ_q = L_c L_cᵀ and C_p = I + U_pᵀD_p⁻¹U_p:
+    q's diagonal (Ũ = D_q^{-1/2}U, z = D_q^{-1/2}(μ_p − μ_q), r = log(d_p/d_q), A = diag(e^r)),
+    with the K×K capacitance matrices C_q = I + Ũ_qᵀŨ_q = L_c L_cᵀ and C_p = I + U_pᵀD_p⁻¹U_p:
 
       * matrix determinant lemma: log|Σ_q| − log|Σ_p| = −Σ_i r_i + log|C_q| − log|C_p|;
-      * Woodbury: Σ̃_q⁻¹ = I − Ũ_q C_q⁻¹ Ũ_qᵀ, so with A = diag(e^r)
+      * Woodbury: Σ̃_q⁻¹ = I − Ũ_q C_q⁻¹ Ũ_qᵀ, so
         tr(Σ_q⁻¹Σ_p) = Σ_i e^{r_i} + ‖Ũ_p‖_F² − ‖L_c⁻¹Ũ_qᵀA^{1/2}‖_F² − ‖L_c⁻¹Ũ_qᵀŨ_p‖_F² and
         (μ_p − μ_q)ᵀΣ_q⁻¹(μ_p − μ_q) = ‖z‖² − ‖L_c⁻¹Ũ_qᵀz‖²;
 
     KL = ½[Σ_i (e^{r_i} − 1 − r_i + z_i²) + ‖Ũ_p‖_F² − ‖L_c⁻¹Ũ_qᵀA^{1/2}‖_F²
-    − ‖L_c⁻¹Ũ_qᵀŨ_p‖_F² − ‖L_c⁻¹Ũ_qᵀz‖² + log|C_q| − log|C_p|], clamped at 0. The diagonal part
-    is accurate to the last bits (as :func:`kl_diag`); the low-rank corrections are accurate
-    relative to their own size, so a KL far smaller than ‖Ũ‖_F²·ε can come out as rounding noise
-    (never negative). Parameters that are equal give exactly 0. The KL sums over the D latent
-    dimensions (no per-dimension decomposition exists without a D×D factorisation).
+    − ‖L_c⁻¹Ũ_qᵀŨ_p‖_F² − ‖L_c⁻¹Ũ_qᵀz‖² + log|C_q| − log|C_p|], clamped at 0.
+
+    The capacitance factor comes from a Householder QR of the stacked ``[Ũ; I]`` = QR (RᵀR = C,
+    L_c = Rᵀ) rather than a Cholesky factorisation of a formed ŨᵀŨ + I, which loses the identity
+    to rounding when the diagonal is tiny next to the factor; and since Ũ_q = Q₁R (Q₁ the top D
+    rows of Q), every L_c⁻¹Ũ_qᵀW above is simply Q₁ᵀW — no triangular solve is needed. The
+    diagonal part is accurate to the last bits (as :func:`kl_diag`); the low-rank corrections are
+    accurate relative to their own size, ε·(‖Ũ_p‖_F² + Σ_i e^{r_i}), so in float32 a KL much
+    smaller than that (a diagonal far smaller than U Uᵀ) can come out as rounding noise — never
+    negative, never NaN; use float64 there. Equal parameters give exactly 0. The KL sums over the
+    D latent dimensions (no per-dimension decomposition exists without a D×D factorisation).
 
     Args:
       mean_p, cov_diag_p: ``[..., D]`` (cov_diag > 0).
@@ -525,7 +610,7 @@ def kl_lowrank(
 
     References:
       Woodbury (1950); Harville (1997), "Matrix algebra from a statistician's perspective",
-      Thm. 18.1.1 (determinant lemma).
+      Thm. 18.1.1 (determinant lemma); Golub & Van Loan (2013), §5.2 (Householder QR).
     """
     specs = [("mean_p", mean_p, _VECTOR), ("cov_diag_p", cov_diag_p, _VECTOR)]
     if cov_factor_p is not None:
@@ -548,18 +633,18 @@ def kl_lowrank(
     total = jnp.sum(exp_excess(r) + z * z, axis=-1)
     up_white = None if up is None else up * w[..., None]
     if up is not None:
-        total = total + jnp.sum(up_white * up_white, axis=(-2, -1))
-        total = total - _log_det_tril(_capacitance_factor(up * jax.lax.rsqrt(dp)[..., None]))
+        log_det_p, _ = _capacitance(up * jax.lax.rsqrt(dp)[..., None], want_q=False)
+        total = total + _sq_norm(up_white) - log_det_p
     if uq is not None:
-        uq_white = uq * w[..., None]
-        lc = _drop_unit_batch(_capacitance_factor(uq_white))
-        total = total + _log_det_tril(lc)
-        sqrt_a = jnp.sqrt(dp) * w
-        rhs = [jnp.swapaxes(uq_white * sqrt_a[..., None], -1, -2), _gram(uq_white, z[..., None])]
+        log_det_q, q1 = _capacitance(uq * w[..., None], want_q=True)
+        a = jnp.exp(r)  # d_p / d_q
+        proj_z = jnp.einsum("...dk,...d->...k", q1, z, precision=_HIGHEST)
+        total = total + log_det_q - jnp.sum(a[..., None] * q1 * q1, axis=(-2, -1))
+        total = total - jnp.sum(proj_z * proj_z, axis=-1)
         if up_white is not None:
-            rhs.append(_gram(uq_white, up_white))
-        for x in rhs:
-            total = total - jnp.sum(_solve_sq_rows(lc, x), axis=-1)
+            total = total - _sq_norm(
+                jnp.einsum("...dk,...dl->...kl", q1, up_white, precision=_HIGHEST)
+            )
     kl = 0.5 * jnp.maximum(total, 0)
 
     same = _all_equal(mp, mq, 1) & _all_equal(dp, dq, 1)

@@ -174,7 +174,7 @@ def test_jit_vmap_and_grad_agree(small_chunks):
             np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=9),
     chunk=st.integers(1, 10),

@@ -3,6 +3,9 @@ an independent chain-rule reference, high-precision references for tiny KLs, and
 
 from __future__ import annotations
 
+import inspect
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import mpmath
@@ -12,9 +15,20 @@ import tensorflow_probability.substrates.jax as tfp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kldiv import gaussian as g
+from kldiv import gaussian as raw
 
 tfd = tfp.distributions
+
+# Jitted entry points: one compilation per input shape instead of one per primitive (fast tests);
+# trace-time checks raise the same errors under jit.
+g = SimpleNamespace(
+    **{
+        name: jax.jit(getattr(raw, name), static_argnames=("per_dim",))
+        if "per_dim" in inspect.signature(getattr(raw, name)).parameters
+        else jax.jit(getattr(raw, name))
+        for name in raw.__all__
+    }
+)
 
 SIZES = (1, 3, 16, 64)
 BATCH = 4
@@ -300,37 +314,37 @@ def _cases(rng, d=5):
     zero, one = np.zeros((BATCH, d)), np.ones((BATCH, d))
     sd = lambda v: np.exp(0.5 * v)  # noqa: E731
     return [
-        ("std", g.kl_standard_normal, (mp, lvp), lambda m, v: _tfp_diag_j(m, v, zero, zero)),
+        ("std", raw.kl_standard_normal, (mp, lvp), lambda m, v: _tfp_diag_j(m, v, zero, zero)),
         (
             "std_scale",
-            g.kl_standard_normal_scale,
+            raw.kl_standard_normal_scale,
             (mp, sd(lvp)),
             lambda m, s: _tfp_diag_j(m, 2 * jnp.log(s), zero, zero),
         ),
         (
             "std_log_scale",
-            g.kl_standard_normal_log_scale,
+            raw.kl_standard_normal_log_scale,
             (mp, lvp / 2),
             lambda m, s: _tfp_diag_j(m, 2 * s, zero, zero),
         ),
-        ("diag", g.kl_diag, (mp, lvp, mq, lvq), _tfp_diag_j),
+        ("diag", raw.kl_diag, (mp, lvp, mq, lvq), _tfp_diag_j),
         (
             "diag_scale",
-            g.kl_diag_scale,
+            raw.kl_diag_scale,
             (mp, sd(lvp), mq, sd(lvq)),
             lambda a, b, c, e: _tfp_diag_j(a, 2 * jnp.log(b), c, 2 * jnp.log(e)),
         ),
         (
             "diag_log_scale",
-            g.kl_diag_log_scale,
+            raw.kl_diag_log_scale,
             (mp, lvp / 2, mq, lvq / 2),
             lambda a, b, c, e: _tfp_diag_j(a, 2 * b, c, 2 * e),
         ),
-        ("full", g.kl_full, (fp, lp, fq, lq), _tfp_full_j),
-        ("full_shared", g.kl_full, (fp, lp, fq[0], lq[0]), _tfp_full_j),
-        ("lowrank", g.kl_lowrank, (mp, dp, up, mq, dq, uq), _tfp_lowrank_j),
-        ("lowrank_shared", g.kl_lowrank, (mp, dp, up, mq[0], dq[0], uq[0]), _tfp_lowrank_j),
-        ("diag_vs_one", g.kl_diag_scale, (mp, sd(lvp), zero, one), None),
+        ("full", raw.kl_full, (fp, lp, fq, lq), _tfp_full_j),
+        ("full_shared", raw.kl_full, (fp, lp, fq[0], lq[0]), _tfp_full_j),
+        ("lowrank", raw.kl_lowrank, (mp, dp, up, mq, dq, uq), _tfp_lowrank_j),
+        ("lowrank_shared", raw.kl_lowrank, (mp, dp, up, mq[0], dq[0], uq[0]), _tfp_lowrank_j),
+        ("diag_vs_one", raw.kl_diag_scale, (mp, sd(lvp), zero, one), None),
     ]
 
 

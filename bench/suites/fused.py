@@ -529,8 +529,10 @@ def plot(rows, path_prefix: str) -> None:
             ylabel="temporary memory [MiB]",
             title=f"{ylabel}: temp memory vs N (V={v_fixed})",
         )
-        for ax in axes:
-            ax.grid(True, which="both", alpha=0.3)
+        for ax, ticks in ((axes[0], vs), (axes[1], ns)):
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{path_prefix}_{case}.png", dpi=120)

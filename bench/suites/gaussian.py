@@ -15,9 +15,12 @@ cases only) is the one-line textbook formula a user would write; it is shown for
 not a peer.
 
 Columns: ``fwd_ms`` and ``fwdbwd_ms`` (gradient w.r.t. every input) are the minimum over
-``--gaussian-rounds`` interleaved rounds of the median of ``--repeats`` timed runs, so that the
-implementations of one case see the same machine load; ``*_vs_best_peer`` divides by the fastest
-of TFP and distrax; ``temp_MiB`` is XLA's compiled temporary memory of the forward+backward;
+``--gaussian-rounds`` rounds of the median of ``--repeats`` timed runs. Diagonal cases: rounds
+interleaved across implementations in one process. Full-covariance cases: each implementation's
+forward and forward+backward in a fresh process, abandoned after ``--gaussian-timeout`` seconds
+(on CPU, two batched LAPACK calls in flight at once can deadlock jaxlib's thread pool, which hangs
+some peers; the ``note`` column says so). ``*_vs_best_peer`` divides by the fastest of TFP and
+distrax; ``temp_MiB`` is XLA's compiled temporary memory of the forward+backward;
 ``tiny_rel_err`` is the median relative error in float32 on nearly identical distributions
 (KL ≈ 1e-6 per example) against a float64 reference, and ``negatives`` counts values below 0
 there.
@@ -60,6 +63,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--gaussian-no-grad", action="store_true", help="time the forward pass only"
+    )
+    parser.add_argument(
+        "--gaussian-timeout",
+        type=int,
+        default=300,
+        help="seconds before an isolated full-covariance measurement is abandoned",
     )
 
 
@@ -199,79 +208,161 @@ def _shape(arg: str) -> tuple[int, int]:
     return b, d
 
 
+_FACTORIES = {
+    "diag_standard_normal": _diag_std_fns,
+    "diag_pair": _diag_pair_fns,
+    "full_pair": _full_fns,
+    "full_shared_prior": _full_fns,
+}
+
+
+def _measure(case, b, d, dtype_name, impls, opts, progress) -> list[dict]:
+    """Times ``impls`` of ``case`` in interleaved rounds in this process; one row each.
+
+    ``opts``: repeats, warmup, rounds, and which of "fwd" (forward, with the accuracy columns)
+    and "grad" (forward+backward, with the memory columns) to measure.
+    """
+    dtype = jnp.dtype(dtype_name)
+    fns = {k: v for k, v in _FACTORIES[case]().items() if k in impls}
+    arrays = tuple(jnp.asarray(a, dtype) for a in _inputs(case, b, d, np.float32))
+    tiny32 = tuple(
+        jnp.asarray(a, jnp.float32) for a in _inputs(case, 256, d, np.float32, seed=1, tiny=True)
+    )
+    tiny_ref = _reference(case, [np.asarray(a) for a in tiny32])
+    argnums = tuple(range(len(arrays)))
+    jitted = {}
+    for impl, fn in fns.items():
+        progress(f"{case} [{b}, {d}]: compiling {impl}")
+        fwd = jax.jit(fn)
+        fb = jax.jit(jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums))
+        if opts["fwd"]:
+            jax.block_until_ready(fwd(*arrays))
+        if opts["grad"]:
+            jax.block_until_ready(fb(*arrays))
+        jitted[impl] = (fwd, fb)
+    best = {impl: [np.inf, np.inf] for impl in fns}
+    for rnd in range(opts["rounds"]):
+        for impl, (fwd, fb) in jitted.items():
+            progress(f"{case}: timing {impl} (round {rnd + 1}/{opts['rounds']})")
+            if opts["fwd"]:
+                t = common.timeit(fwd, *arrays, repeats=opts["repeats"], warmup=opts["warmup"])
+                best[impl][0] = min(best[impl][0], t)
+            if opts["grad"]:
+                t = common.timeit(fb, *arrays, repeats=opts["repeats"], warmup=opts["warmup"])
+                best[impl][1] = min(best[impl][1], t)
+    rows = []
+    for impl, fn in fns.items():
+        row = {"impl": impl}
+        if opts["fwd"]:
+            vals = np.asarray(jax.jit(fn)(*tiny32), np.float64)
+            row["fwd_ms"] = 1e3 * best[impl][0]
+            row["tiny_rel_err"] = float(np.median(np.abs(vals - tiny_ref) / tiny_ref))
+            row["negatives"] = int((vals < 0).sum())
+        if opts["grad"]:
+            grad_fn = jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums)
+            temp = common.temp_bytes(grad_fn, *arrays)
+            row["fwdbwd_ms"] = 1e3 * best[impl][1]
+            row["temp_MiB"] = None if temp is None else temp / 2**20
+            row["temp_bytes"] = temp
+        rows.append(row)
+    return rows
+
+
+def _child(conn, case, b, d, dtype_name, impl, opts) -> None:
+    import sys
+
+    def progress(message):
+        print(f"          gaussian (subprocess): {message}", file=sys.stderr, flush=True)
+
+    try:
+        conn.send(_measure(case, b, d, dtype_name, [impl], opts, progress))
+    except Exception as err:  # reported as a row note
+        conn.send(f"{type(err).__name__}: {err}")
+    conn.close()
+
+
+def _measure_isolated(case, b, d, dtype_name, impl, opts, timeout, progress) -> dict:
+    """``_measure`` for one implementation in fresh processes (forward, then forward+backward),
+    each abandoned after ``timeout`` seconds.
+
+    Batched LAPACK calls (triangular solves, QR) on CPU can deadlock jaxlib's thread pool when two
+    are in flight at once, which hangs some implementations of the full-covariance cases on small
+    machines; isolating each measurement keeps the run going and records what happened.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    row, notes = {"impl": impl}, []
+    for mode in ("fwd", "grad"):
+        if not opts[mode]:
+            continue
+        sub = dict(opts, fwd=mode == "fwd", grad=mode == "grad")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(send, case, b, d, dtype_name, impl, sub))
+        proc.start()
+        send.close()
+        got = recv.recv() if recv.poll(timeout) else None
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        if isinstance(got, list):
+            row.update(got[0])
+            continue
+        label = "forward" if mode == "fwd" else "forward+backward"
+        note = got if isinstance(got, str) else f"{label}: no result in {timeout} s (hung)"
+        progress(f"{case}: {impl}: {note}")
+        notes.append(note)
+    if notes:
+        row["note"] = "; ".join(notes)
+    return row
+
+
 def run(args, progress) -> list[dict]:
-    dtype = jnp.dtype(args.gaussian_dtype)
     diag_shape = (4096, 32) if args.quick else _shape(args.gaussian_diag_shape)
     full_shape = (256, 16) if args.quick else _shape(args.gaussian_full_shape)
     wanted = [c for c in args.gaussian_cases.split(",") if c]
     unknown = sorted(set(wanted) - set(CASES))
     if unknown:
         raise ValueError(f"unknown gaussian cases {unknown}; available: {', '.join(CASES)}")
+    opts = {
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "rounds": args.gaussian_rounds,
+        "fwd": True,
+        "grad": not args.gaussian_no_grad,
+    }
     rows = []
     for case in wanted:
         b, d = diag_shape if case.startswith("diag") else full_shape
-        fns = {
-            "diag_standard_normal": _diag_std_fns,
-            "diag_pair": _diag_pair_fns,
-            "full_pair": _full_fns,
-            "full_shared_prior": _full_fns,
-        }[case]()
-        arrays = tuple(jnp.asarray(a, dtype) for a in _inputs(case, b, d, np.float32))
-        tiny = _inputs(case, 256, d, np.float32, seed=1, tiny=True)
-        tiny32 = tuple(jnp.asarray(a, jnp.float32) for a in tiny)
-        tiny_ref = _reference(case, [np.asarray(a) for a in tiny32])
-        shape = f"[{b}, {d}]" + (" vs [D, D] prior" if case == "full_shared_prior" else "")
-        argnums = tuple(range(len(arrays)))
-        jitted = {}
-        for impl, fn in fns.items():
-            progress(f"{case} {shape}: compiling {impl}")
-            fwd = jax.jit(fn)
-            fb = jax.jit(jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums))
-            jax.block_until_ready(fwd(*arrays))
-            if not args.gaussian_no_grad:
-                jax.block_until_ready(fb(*arrays))
-            jitted[impl] = (fwd, fb)
-        best = {impl: [np.inf, np.inf] for impl in fns}
-        for rnd in range(args.gaussian_rounds):
-            for impl, (fwd, fb) in jitted.items():
-                progress(f"{case}: timing {impl} (round {rnd + 1}/{args.gaussian_rounds})")
-                t = common.timeit(fwd, *arrays, repeats=args.repeats, warmup=args.warmup)
-                best[impl][0] = min(best[impl][0], t)
-                if not args.gaussian_no_grad:
-                    t = common.timeit(fb, *arrays, repeats=args.repeats, warmup=args.warmup)
-                    best[impl][1] = min(best[impl][1], t)
-        case_rows = []
-        for impl, fn in fns.items():
-            vals = np.asarray(jax.jit(fn)(*tiny32), np.float64)
-            temp = None
-            if not args.gaussian_no_grad:
-                temp = common.temp_bytes(
-                    jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums), *arrays
+        impls = list(_FACTORIES[case]())
+        if case.startswith("diag"):
+            case_rows = _measure(case, b, d, args.gaussian_dtype, impls, opts, progress)
+        else:  # LAPACK-backed peers: one fresh process each (see _measure_isolated)
+            case_rows = []
+            for impl in impls:
+                progress(f"{case} [{b}, {d}]: {impl} in a subprocess")
+                case_rows.append(
+                    _measure_isolated(
+                        case, b, d, args.gaussian_dtype, impl, opts, args.gaussian_timeout, progress
+                    )
                 )
-            case_rows.append(
-                {
-                    "case": case,
-                    "impl": impl,
-                    "shape": shape,
-                    "dtype": str(dtype),
-                    "fwd_ms": 1e3 * best[impl][0],
-                    "fwdbwd_ms": None if args.gaussian_no_grad else 1e3 * best[impl][1],
-                    "temp_MiB": None if temp is None else temp / 2**20,
-                    "temp_bytes": temp,
-                    "tiny_rel_err": float(np.median(np.abs(vals - tiny_ref) / tiny_ref)),
-                    "negatives": int((vals < 0).sum()),
-                }
-            )
-        peers = [r for r in case_rows if r["impl"] in PEERS]
+        shape = f"[{b}, {d}]" + (" vs [D, D] prior" if case == "full_shared_prior" else "")
+        for r in case_rows:
+            r.update(case=case, shape=shape, dtype=args.gaussian_dtype)
+        peers = [r for r in case_rows if r["impl"] in PEERS and r.get("fwd_ms") is not None]
         for key in ("fwd_ms", "fwdbwd_ms"):
-            if peers and all(r[key] is not None for r in peers):
-                fastest = min(r[key] for r in peers)
-                for r in case_rows:
-                    r[key.replace("_ms", "_vs_best_peer")] = r[key] / fastest
+            times = [r[key] for r in peers if r.get(key) is not None]
+            for r in case_rows:
+                ok = times and r.get(key) is not None
+                r[key.replace("_ms", "_vs_best_peer")] = r[key] / min(times) if ok else None
         for r in case_rows:
             r["ratio_vs_fastest_peer"] = r.get("fwd_vs_best_peer")
         rows.extend(case_rows)
-    return rows
+    columns = ["case", "impl", "shape", "dtype", "fwd_ms", "fwdbwd_ms", "fwd_vs_best_peer"]
+    columns += ["fwdbwd_vs_best_peer", "ratio_vs_fastest_peer", "temp_MiB", "temp_bytes"]
+    columns += ["tiny_rel_err", "negatives", "note"]
+    return [{c: r.get(c) for c in columns if c in r or c == "note"} for r in rows]
 
 
 def plot(rows, path) -> None:
@@ -284,9 +375,12 @@ def plot(rows, path) -> None:
     for ax, case in zip(axes[0], cases, strict=True):
         sel = [r for r in rows if r["case"] == case]
         x = np.arange(len(sel))
-        ax.bar(x - 0.2, [r["fwd_ms"] for r in sel], 0.4, label="forward")
-        if all(r.get("fwdbwd_ms") is not None for r in sel):
-            ax.bar(x + 0.2, [r["fwdbwd_ms"] for r in sel], 0.4, label="forward+backward")
+        ax.bar(x - 0.2, [r["fwd_ms"] or 0 for r in sel], 0.4, label="forward")
+        if any(r.get("fwdbwd_ms") is not None for r in sel):
+            ax.bar(x + 0.2, [r["fwdbwd_ms"] or 0 for r in sel], 0.4, label="forward+backward")
+        for i, r in enumerate(sel):
+            if r.get("fwd_ms") is None:
+                ax.text(i, 0, "no result", rotation=90, ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, [r["impl"] for r in sel], rotation=30, ha="right")
         ax.set_title(f"{case}\n{sel[0]['shape']} {sel[0]['dtype']}", fontsize=9)
         ax.set_ylabel("median time (ms)")
