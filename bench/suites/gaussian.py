@@ -362,7 +362,7 @@ def run(args, progress) -> list[dict]:
     columns = ["case", "impl", "shape", "dtype", "fwd_ms", "fwdbwd_ms", "fwd_vs_best_peer"]
     columns += ["fwdbwd_vs_best_peer", "ratio_vs_fastest_peer", "temp_MiB", "temp_bytes"]
     columns += ["tiny_rel_err", "negatives", "note"]
-    return [{c: r.get(c) for c in columns if c in r or c == "note"} for r in rows]
+    return [{c: r.get(c) for c in columns} for r in rows]
 
 
 def plot(rows, path) -> None:
