@@ -24,6 +24,7 @@ float64 stays float64 (with ``jax_enable_x64``).
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +49,12 @@ __all__ = ["LOGIT_IMPLS", "kl", "kl_from_log_probs", "kl_from_logits", "prepare_
 LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla", "chunked", "pallas")
 
 
-def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
-    """Checks and aligns a pair of event arrays: floating dtypes, broadcast shapes, ``axis``.
+def align_pair(name_p: str, p, name_q: str, q, axis: int, where):
+    """Checks and aligns a pair of event arrays without casting them.
 
-    Returns (p, q, where) cast to the compute dtype, broadcast to one shape, with the event axis
-    moved last; ``where`` broadcast to that shape or None. Shared by every discrete divergence.
+    Returns (p, q, where): floating arrays in their own (storage) dtypes, broadcast to one shape,
+    with the event axis moved last; ``where`` broadcast to that shape (boolean) or None. The
+    compute dtype is ``_checks.compute_dtype(p, q)``.
     """
     _checks.check_floating(name_p, p)
     _checks.check_floating(name_q, q)
@@ -60,12 +62,22 @@ def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
     shape = _checks.broadcast_shapes((name_p, name_q), (p.shape, q.shape))
     axis = _checks.check_axis(axis, len(shape))
     where = _checks.check_where(where, shape)
-    dtype = _checks.compute_dtype(p, q)
-    p = jnp.moveaxis(jnp.broadcast_to(p.astype(dtype), shape), axis, -1)
-    q = jnp.moveaxis(jnp.broadcast_to(q.astype(dtype), shape), axis, -1)
+    p = jnp.moveaxis(jnp.broadcast_to(p, shape), axis, -1)
+    q = jnp.moveaxis(jnp.broadcast_to(q, shape), axis, -1)
     if where is not None:
         where = jnp.moveaxis(where, axis, -1)
     return p, q, where
+
+
+def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
+    """Checks and aligns a pair of event arrays: floating dtypes, broadcast shapes, ``axis``.
+
+    Returns (p, q, where) cast to the compute dtype, broadcast to one shape, with the event axis
+    moved last; ``where`` broadcast to that shape or None. Shared by every discrete divergence.
+    """
+    p, q, where = align_pair(name_p, p, name_q, q, axis, where)
+    dtype = _checks.compute_dtype(p, q)
+    return p.astype(dtype), q.astype(dtype), where
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,21 +216,55 @@ def kl_from_log_probs(
     return _kl_log_probs_core(lp, lq)
 
 
+def static_temperature(temperature) -> float | None:
+    """A temperature known at trace time (a Python or NumPy real number) as a float, else None.
+
+    Static temperatures are applied by the fused paths per chunk or block; array (traced)
+    temperatures are applied to the whole arrays beforehand, so that their gradient flows.
+    """
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        return float(temperature)
+    return None
+
+
+def temper_and_mask(x, dtype, temperature=1.0, where=None):
+    """Logits as every path sees them: ``x`` cast to ``dtype``, divided by T, −inf where masked.
+
+    The one definition of the input semantics of :func:`kl_from_logits`, applied to whole arrays
+    (XLA path), to row chunks (``kldiv.fused.chunked``) and to loaded vocabulary blocks
+    (``kldiv.fused.pallas``), so that all paths agree on every edge. ``temperature``: a Python
+    number (1 skips the division) or an array of the compute dtype's kind; ``where``: boolean,
+    broadcastable to ``x``, or None. Masked entries become −inf whatever ``x`` holds there.
+    """
+    x = x.astype(dtype)
+    if not (isinstance(temperature, numbers.Real) and temperature == 1):
+        x = x / jnp.asarray(temperature, dtype)
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    return x
+
+
+def masked_logits_cotangent(g, dtype, where=None):
+    """Cotangent of raw logits from the compute-dtype cotangent ``g`` of :func:`temper_and_mask`
+    (with the 1/T factor already in ``g``): exactly 0 at masked entries, cast to ``dtype``."""
+    if where is not None:
+        g = jnp.where(where, g, jnp.zeros_like(g))
+    return g.astype(dtype)
+
+
 def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
     """Checks, aligns, tempers and masks a pair of logit arrays (event axis last).
 
-    Masked entries become −inf in both, exactly as if the vocabulary excluded them. Shared by the
-    XLA, chunked and Pallas paths so that they agree on every edge.
+    Masked entries become −inf in both, exactly as if the vocabulary excluded them. Returns whole
+    arrays in the compute dtype (the XLA path); the fused paths apply the same
+    :func:`temper_and_mask` per chunk or block instead.
     """
     _checks.check_temperature(temperature)
-    a, b, where = prepare_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    if not (isinstance(temperature, (int, float)) and temperature == 1):
-        t = jnp.asarray(temperature, a.dtype)
-        a, b = a / t, b / t
-    if where is not None:
-        a = jnp.where(where, a, -jnp.inf)
-        b = jnp.where(where, b, -jnp.inf)
-    return a, b
+    a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    dtype = _checks.compute_dtype(a, b)
+    return temper_and_mask(a, dtype, temperature, where), temper_and_mask(
+        b, dtype, temperature, where
+    )
 
 
 def kl_from_logits(
@@ -258,6 +304,13 @@ def kl_from_logits(
         interpret mode (slow, for tests). Both are reverse-mode only. ``"auto"`` (default)
         picks ``"pallas"`` on GPU, ``"chunked"`` for large inputs on CPU/TPU, else ``"xla"``
         (:func:`kldiv.fused.choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
+        The chunked and Pallas paths keep the inputs in their storage dtype (e.g. bfloat16) and
+        cast them to the compute dtype, divide by a Python-number temperature and apply
+        ``where`` per row chunk / vocabulary block, so they hold no ``[N, V]`` float32 copy of
+        the inputs; their gradients come back in the inputs' dtypes (computed in float32 for
+        16-bit inputs). A temperature given as an array (traced, e.g. an annealing schedule) is
+        instead applied to the whole inputs first (one ``[N, V]`` copy of each in the compute
+        dtype), so that its own gradient is exact.
       axis_name: tensor-parallel logits: inside ``shard_map`` with the event (vocabulary) axis
         split over this mapped axis, each shard passes its slice of both logits; the row maxima,
         normalisers and the sum are combined across shards (``pmax``/``psum``), so every shard
@@ -280,15 +333,15 @@ def kl_from_logits(
     """
     if impl not in LOGIT_IMPLS:
         raise ValueError(f"kldiv: unknown impl {impl!r}; allowed: " + ", ".join(LOGIT_IMPLS))
-    a, b = prepare_logits(logits_p, logits_q, axis, where, temperature)
-    if axis_name is not None:
-        if impl not in ("xla", "auto"):
-            raise ValueError(
-                f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
-            )
+    if axis_name is not None and impl not in ("xla", "auto"):
+        raise ValueError(
+            f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
+        )
+    if axis_name is not None or impl == "xla":
+        a, b = prepare_logits(logits_p, logits_q, axis, where, temperature)
         return _kl_logits_core(a, b, axis_name)
-    if impl == "xla":
-        return _kl_logits_core(a, b, None)
     from kldiv import fused  # deferred: keeps `import kldiv` light and avoids an import cycle
 
-    return fused.kl_from_prepared_logits(a, b, impl)
+    _checks.check_temperature(temperature)
+    a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    return fused.kl_from_prepared_logits(a, b, impl, where=where, temperature=temperature)

@@ -15,15 +15,18 @@ cases only) is the one-line textbook formula a user would write; it is shown for
 not a peer.
 
 Columns: ``fwd_ms`` and ``fwdbwd_ms`` (gradient w.r.t. every input) are the minimum over
-``--gaussian-rounds`` rounds of the median of ``--repeats`` timed runs. Diagonal cases: rounds
-interleaved across implementations in one process. Full-covariance cases: each implementation's
-forward and forward+backward in a fresh process, abandoned after ``--gaussian-timeout`` seconds
-(on CPU, two batched LAPACK calls in flight at once can deadlock jaxlib's thread pool, which hangs
-some peers; the ``note`` column says so). ``*_vs_best_peer`` divides by the fastest of TFP and
-distrax; ``temp_MiB`` is XLA's compiled temporary memory of the forward+backward;
-``tiny_rel_err`` is the median relative error in float32 on nearly identical distributions
-(KL ≈ 1e-6 per example) against a float64 reference, and ``negatives`` counts values below 0
-there.
+``--gaussian-rounds`` rounds of the median of ``--repeats`` timed runs. Rounds are interleaved
+across implementations in one process: the diagonal cases and the full-covariance forward passes
+(the latter in a subprocess with a timeout). Each full-covariance forward+backward runs in its
+own fresh process, abandoned after ``--gaussian-timeout`` seconds (on CPU, two batched LAPACK
+calls in flight at once can deadlock jaxlib's thread pool, which hangs the peers' gradients; the
+``note`` column says so). ``*_vs_best_peer`` is the median over rounds of the time divided by the
+fastest of TFP and distrax in the same round (``*_round_ratios``: each round's ratio), or the
+ratio of best times where they ran in separate processes; ``speedup_vs_tfp`` (shared prior) is
+the median per-round TFP/kldiv forward time. ``temp_MiB`` is XLA's compiled temporary memory of
+the forward+backward; ``tiny_rel_err`` is the median relative error in float32 on nearly
+identical distributions (KL ≈ 1e-6 per example) against a float64 reference, and ``negatives``
+counts values below 0 there.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ def add_arguments(parser) -> None:
         help="comma-separated subset of " + ", ".join(CASES),
     )
     parser.add_argument(
-        "--gaussian-rounds", type=int, default=2, help="interleaved timing rounds (min is kept)"
+        "--gaussian-rounds",
+        type=int,
+        default=5,
+        help="interleaved timing rounds (ratios: median of per-round ratios)",
     )
     parser.add_argument(
         "--gaussian-no-grad", action="store_true", help="time the forward pass only"
@@ -67,7 +73,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--gaussian-timeout",
         type=int,
-        default=300,
+        default=120,
         help="seconds before an isolated full-covariance measurement is abandoned",
     )
 
@@ -220,7 +226,9 @@ def _measure(case, b, d, dtype_name, impls, opts, progress) -> list[dict]:
     """Times ``impls`` of ``case`` in interleaved rounds in this process; one row each.
 
     ``opts``: repeats, warmup, rounds, and which of "fwd" (forward, with the accuracy columns)
-    and "grad" (forward+backward, with the memory columns) to measure.
+    and "grad" (forward+backward, with the memory columns) to measure. Each row keeps the
+    per-round medians (``fwd_rounds_ms``/``fwdbwd_rounds_ms``) so that ratios can be formed per
+    round, between implementations timed back to back.
     """
     dtype = jnp.dtype(dtype_name)
     fns = {k: v for k, v in _FACTORIES[case]().items() if k in impls}
@@ -230,75 +238,79 @@ def _measure(case, b, d, dtype_name, impls, opts, progress) -> list[dict]:
     )
     tiny_ref = _reference(case, [np.asarray(a) for a in tiny32])
     argnums = tuple(range(len(arrays)))
+    modes = [m for m in ("fwd", "grad") if opts[m]]
     jitted = {}
     for impl, fn in fns.items():
         progress(f"{case} [{b}, {d}]: compiling {impl}")
-        fwd = jax.jit(fn)
-        fb = jax.jit(jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums))
-        if opts["fwd"]:
-            jax.block_until_ready(fwd(*arrays))
-        if opts["grad"]:
-            jax.block_until_ready(fb(*arrays))
-        jitted[impl] = (fwd, fb)
-    best = {impl: [np.inf, np.inf] for impl in fns}
+        jitted[impl] = {
+            "fwd": jax.jit(fn),
+            "grad": jax.jit(jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums)),
+        }
+        for mode in modes:
+            jax.block_until_ready(jitted[impl][mode](*arrays))
+    rounds = {impl: {mode: [] for mode in modes} for impl in fns}
     for rnd in range(opts["rounds"]):
-        for impl, (fwd, fb) in jitted.items():
+        for impl, compiled in jitted.items():
             progress(f"{case}: timing {impl} (round {rnd + 1}/{opts['rounds']})")
-            if opts["fwd"]:
-                t = common.timeit(fwd, *arrays, repeats=opts["repeats"], warmup=opts["warmup"])
-                best[impl][0] = min(best[impl][0], t)
-            if opts["grad"]:
-                t = common.timeit(fb, *arrays, repeats=opts["repeats"], warmup=opts["warmup"])
-                best[impl][1] = min(best[impl][1], t)
+            for mode in modes:
+                t = common.timeit(
+                    compiled[mode], *arrays, repeats=opts["repeats"], warmup=opts["warmup"]
+                )
+                rounds[impl][mode].append(1e3 * t)
     rows = []
     for impl, fn in fns.items():
         row = {"impl": impl}
         if opts["fwd"]:
             vals = np.asarray(jax.jit(fn)(*tiny32), np.float64)
-            row["fwd_ms"] = 1e3 * best[impl][0]
+            row["fwd_ms"] = min(rounds[impl]["fwd"])
+            row["fwd_rounds_ms"] = rounds[impl]["fwd"]
             row["tiny_rel_err"] = float(np.median(np.abs(vals - tiny_ref) / tiny_ref))
             row["negatives"] = int((vals < 0).sum())
         if opts["grad"]:
             grad_fn = jax.value_and_grad(lambda *a, f=fn: jnp.sum(f(*a)), argnums)
             temp = common.temp_bytes(grad_fn, *arrays)
-            row["fwdbwd_ms"] = 1e3 * best[impl][1]
+            row["fwdbwd_ms"] = min(rounds[impl]["grad"])
+            row["fwdbwd_rounds_ms"] = rounds[impl]["grad"]
             row["temp_MiB"] = None if temp is None else temp / 2**20
             row["temp_bytes"] = temp
         rows.append(row)
     return rows
 
 
-def _child(conn, case, b, d, dtype_name, impl, opts) -> None:
+def _child(conn, case, b, d, dtype_name, impls, opts) -> None:
     import sys
 
     def progress(message):
         print(f"          gaussian (subprocess): {message}", file=sys.stderr, flush=True)
 
     try:
-        conn.send(_measure(case, b, d, dtype_name, [impl], opts, progress))
+        conn.send(_measure(case, b, d, dtype_name, impls, opts, progress))
     except Exception as err:  # reported as a row note
         conn.send(f"{type(err).__name__}: {err}")
     conn.close()
 
 
-def _measure_isolated(case, b, d, dtype_name, impl, opts, timeout, progress) -> dict:
-    """``_measure`` for one implementation in fresh processes (forward, then forward+backward),
-    each abandoned after ``timeout`` seconds.
+def _measure_isolated(case, b, d, dtype_name, impls, opts, timeout, progress) -> list[dict]:
+    """``_measure`` in fresh processes, each abandoned after ``timeout`` seconds.
 
-    Batched LAPACK calls (triangular solves, QR) on CPU can deadlock jaxlib's thread pool when two
-    are in flight at once, which hangs some implementations of the full-covariance cases on small
-    machines; isolating each measurement keeps the run going and records what happened.
+    Batched LAPACK calls (triangular solves) on CPU can deadlock jaxlib's thread pool when two
+    are in flight at once, which hangs the peers' forward+backward of the full-covariance cases
+    (measured: distrax and TFP at batch ≥ 256 on a 2-core machine; at batch 64 they finish in a
+    few ms). So the forward passes of all implementations run interleaved in one process (each
+    jitted forward issues one solve at a time), and each forward+backward in its own process;
+    what hangs is recorded in the ``note`` column and the run goes on.
     """
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    row, notes = {"impl": impl}, []
-    for mode in ("fwd", "grad"):
-        if not opts[mode]:
-            continue
+    rows = {impl: {"impl": impl} for impl in impls}
+    notes = {impl: [] for impl in impls}
+    jobs = [("fwd", list(impls))] if opts["fwd"] else []
+    jobs += [("grad", [impl]) for impl in impls] if opts["grad"] else []
+    for mode, group in jobs:
         sub = dict(opts, fwd=mode == "fwd", grad=mode == "grad")
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(send, case, b, d, dtype_name, impl, sub))
+        proc = ctx.Process(target=_child, args=(send, case, b, d, dtype_name, group, sub))
         proc.start()
         send.close()
         got = recv.recv() if recv.poll(timeout) else None
@@ -307,15 +319,44 @@ def _measure_isolated(case, b, d, dtype_name, impl, opts, timeout, progress) -> 
             proc.kill()
             proc.join()
         if isinstance(got, list):
-            row.update(got[0])
+            for r in got:
+                rows[r["impl"]].update(r)
             continue
         label = "forward" if mode == "fwd" else "forward+backward"
         note = got if isinstance(got, str) else f"{label}: no result in {timeout} s (hung)"
-        progress(f"{case}: {impl}: {note}")
-        notes.append(note)
-    if notes:
-        row["note"] = "; ".join(notes)
-    return row
+        progress(f"{case}: {', '.join(group)}: {note}")
+        for impl in group:
+            notes[impl].append(note)
+    for impl, row in rows.items():
+        if notes[impl]:
+            row["note"] = "; ".join(notes[impl])
+    return list(rows.values())
+
+
+def _ratios_to_best_peer(case_rows, key) -> None:
+    """``<key>_vs_best_peer``: each implementation's time over the fastest peer's.
+
+    Where the peers were timed in the same rounds (interleaved, same process) the ratio is formed
+    per round against that round's fastest peer and the median over rounds is reported, so a
+    disturbance that slows one round slows both sides of its ratio; otherwise (separate
+    processes) it is the ratio of the best times.
+    """
+    out = key.replace("_ms", "_vs_best_peer")
+    peers = [r for r in case_rows if r["impl"] in PEERS and r.get(key) is not None]
+    rounds_key = key.replace("_ms", "_rounds_ms")
+    for r in case_rows:
+        r[out] = None
+        if not peers or r.get(key) is None:
+            continue
+        paired = [p.get(rounds_key) for p in peers] + [r.get(rounds_key)]
+        n = len(paired[0]) if paired[0] else 0
+        if n and all(x is not None and len(x) == n for x in paired):
+            best = [min(p[rounds_key][i] for p in peers) for i in range(n)]
+            per_round = [t / bt for t, bt in zip(r[rounds_key], best, strict=True)]
+            r[out] = float(np.median(per_round))
+            r[out.replace("_vs_best_peer", "_round_ratios")] = [round(x, 3) for x in per_round]
+        else:
+            r[out] = r[key] / min(p[key] for p in peers)
 
 
 def run(args, progress) -> list[dict]:
@@ -338,31 +379,35 @@ def run(args, progress) -> list[dict]:
         impls = list(_FACTORIES[case]())
         if case.startswith("diag"):
             case_rows = _measure(case, b, d, args.gaussian_dtype, impls, opts, progress)
-        else:  # LAPACK-backed peers: one fresh process each (see _measure_isolated)
-            case_rows = []
-            for impl in impls:
-                progress(f"{case} [{b}, {d}]: {impl} in a subprocess")
-                case_rows.append(
-                    _measure_isolated(
-                        case, b, d, args.gaussian_dtype, impl, opts, args.gaussian_timeout, progress
-                    )
-                )
+        else:  # LAPACK-backed: subprocesses with a timeout (see _measure_isolated)
+            progress(f"{case} [{b}, {d}]: in subprocesses")
+            case_rows = _measure_isolated(
+                case, b, d, args.gaussian_dtype, impls, opts, args.gaussian_timeout, progress
+            )
         shape = f"[{b}, {d}]" + (" vs [D, D] prior" if case == "full_shared_prior" else "")
         for r in case_rows:
             r.update(case=case, shape=shape, dtype=args.gaussian_dtype)
-        peers = [r for r in case_rows if r["impl"] in PEERS and r.get("fwd_ms") is not None]
         for key in ("fwd_ms", "fwdbwd_ms"):
-            times = [r[key] for r in peers if r.get(key) is not None]
-            for r in case_rows:
-                ok = times and r.get(key) is not None
-                r[key.replace("_ms", "_vs_best_peer")] = r[key] / min(times) if ok else None
+            _ratios_to_best_peer(case_rows, key)
         for r in case_rows:
             r["ratio_vs_fastest_peer"] = r.get("fwd_vs_best_peer")
+            if case == "full_shared_prior" and r["impl"] == "kldiv":
+                tfp = next((t for t in case_rows if t["impl"] == "tfp"), {})
+                r["speedup_vs_tfp"] = _speedup(r, tfp)
         rows.extend(case_rows)
     columns = ["case", "impl", "shape", "dtype", "fwd_ms", "fwdbwd_ms", "fwd_vs_best_peer"]
-    columns += ["fwdbwd_vs_best_peer", "ratio_vs_fastest_peer", "temp_MiB", "temp_bytes"]
+    columns += ["fwdbwd_vs_best_peer", "ratio_vs_fastest_peer", "speedup_vs_tfp"]
+    columns += ["fwd_round_ratios", "fwdbwd_round_ratios", "temp_MiB", "temp_bytes"]
     columns += ["tiny_rel_err", "negatives", "note"]
     return [{c: r.get(c) for c in columns} for r in rows]
+
+
+def _speedup(row, tfp_row) -> float | None:
+    """TFP's forward time over kldiv's: median of per-round ratios (interleaved rounds)."""
+    mine, theirs = row.get("fwd_rounds_ms"), tfp_row.get("fwd_rounds_ms")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return None
+    return float(np.median([t / m for m, t in zip(mine, theirs, strict=True)]))
 
 
 def plot(rows, path) -> None:

@@ -8,14 +8,18 @@
   cross-entropy term in the same pass.
 
 Every path computes the same elementwise numerics as :mod:`kldiv.discrete`
-(``kldiv._numerics.logits_stats``/``logits_terms``/``kl_terms``) on inputs prepared by
-``kldiv.discrete.prepare_logits``, so ``where``, temperature and edge semantics are identical.
+(``kldiv._numerics.logits_stats``/``logits_terms``/``kl_terms``) on inputs cast, tempered and
+masked by the same ``kldiv.discrete.temper_and_mask`` (per row chunk or vocabulary block here, so
+no ``[N, V]`` copy of the inputs in the compute dtype is made), so ``where``, temperature and edge
+semantics are identical.
 """
 
 from __future__ import annotations
 
 import jax
 
+from kldiv import _checks
+from kldiv.discrete import _kl_logits_core, static_temperature, temper_and_mask
 from kldiv.fused.chunked import kl_logits_chunked
 from kldiv.fused.linear import DIRECTIONS, fused_linear_kl
 
@@ -53,23 +57,45 @@ def choose_logits_impl(shape: tuple[int, ...], dtype=None, backend: str | None =
     return "chunked" if size >= AUTO_CHUNKED_MIN_ELEMENTS else "xla"
 
 
-def kl_from_prepared_logits(a: jax.Array, b: jax.Array, impl: str = "auto") -> jax.Array:
-    """KL along the last axis of logits prepared by ``kldiv.discrete.prepare_logits``.
+def kl_from_prepared_logits(
+    a: jax.Array,
+    b: jax.Array,
+    impl: str = "auto",
+    *,
+    where: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    """KL(softmax(a/T)‖softmax(b/T)) along the last axis of aligned logits.
 
-    ``impl``: ``"auto"`` (see :func:`choose_logits_impl`), ``"xla"``, ``"chunked"`` (row chunks,
-    custom VJP) or ``"pallas"`` (Triton kernel on GPU; interpret mode elsewhere — slow, meant for
-    tests on small shapes).
+    Args:
+      a, b: logits of one shape ``[..., V]`` (event axis last, as returned by
+        ``kldiv.discrete.align_pair`` or ``prepare_logits``), each in its storage dtype; they are
+        cast to the compute dtype (``kldiv._checks.compute_dtype``) per chunk or block.
+      impl: ``"auto"`` (see :func:`choose_logits_impl`), ``"xla"``, ``"chunked"`` (row chunks,
+        custom VJP) or ``"pallas"`` (Triton kernel on GPU; interpret mode elsewhere — slow,
+        meant for tests on small shapes).
+      where: boolean mask of the inputs' shape, or None; masked entries count as −inf logits.
+      temperature: a Python number is applied per chunk/block by the fused paths; an array
+        (traced) temperature is applied to the whole inputs here (a full copy in the compute
+        dtype), so that its gradient flows through ordinary autodiff.
+
+    Returns:
+      KL per row in the compute dtype; gradients w.r.t. ``a``/``b`` in their own dtypes.
     """
     if impl == "auto":
         impl = choose_logits_impl(a.shape, a.dtype)
+    dtype = _checks.compute_dtype(a, b)
+    if impl == "xla":
+        a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
+        return _kl_logits_core(a, b, None)
+    t = static_temperature(temperature)
+    if t is None:  # an array temperature: applied here, so that its gradient flows (full copy)
+        a, b = (temper_and_mask(x, dtype, temperature) for x in (a, b))
+        t = 1.0
     if impl == "chunked":
-        return kl_logits_chunked(a, b)
+        return kl_logits_chunked(a, b, where=where, temperature=t)
     if impl == "pallas":
         from kldiv.fused.pallas import kl_logits_pallas  # Pallas imports only when used.
 
-        return kl_logits_pallas(a, b)
-    if impl == "xla":
-        from kldiv.discrete import _kl_logits_core
-
-        return _kl_logits_core(a, b, None)
+        return kl_logits_pallas(a, b, where=where, temperature=t)
     raise ValueError(f"kldiv: unknown impl {impl!r}; allowed: auto, xla, chunked, pallas")

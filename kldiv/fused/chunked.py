@@ -13,9 +13,14 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   which needs no reduction and therefore no chunking: XLA fuses it into loops that write the two
   gradients directly (no ``[N, V]`` temporaries besides the outputs).
 
+The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
+applies ``kldiv.discrete.temper_and_mask`` (cast to the compute dtype, divide by a static T,
+−inf where masked) to the rows it reads, inside the chunk or fused into the elementwise loop, and
+the backward pass casts the gradients to the inputs' dtypes at its end (exactly 0 where masked).
+
 Temporary memory is O(C·V + N), independent of N·V. The numerics are exactly those of
-``kldiv.discrete`` (``_numerics.safe_max``/``sum_exp`` — together ``logits_stats`` —,
-``logits_terms`` and ``kl_terms``), on the same prepared inputs.
+``kldiv.discrete`` (``temper_and_mask``, ``_numerics.safe_max``/``sum_exp`` — together
+``logits_stats`` —, ``logits_terms`` and ``kl_terms``).
 
 Chunks never need padding: the last chunk starts at N − C (it overlaps the previous one), and
 rows computed twice are written twice with the same values.
@@ -28,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kldiv._checks import compute_dtype
 from kldiv._numerics import (
     kl_logits_grads,
     kl_terms,
@@ -36,6 +42,7 @@ from kldiv._numerics import (
     safe_max,
     sum_exp,
 )
+from kldiv.discrete import _kl_logits_core, masked_logits_cotangent, temper_and_mask
 
 __all__ = ["chunk_rows", "for_each_chunk", "kl_logits_chunked", "kl_rows_with_grad", "row_sum"]
 
@@ -107,60 +114,146 @@ def kl_rows_with_grad(a: jax.Array, b: jax.Array, wrt: str) -> tuple[jax.Array, 
     return kl, (ga if wrt == "a" else gb)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kl_rows(a, b, c):
-    return _kl_rows_fwd(a, b, c)[0]
+def _bits(x):
+    """16-bit floats as their uint16 bit patterns (free), else ``x``.
+
+    XLA:CPU runs no bfloat16/float16 slice or update natively: it would convert the whole
+    ``[N, V]`` operand to float32 around every dynamic slice of a chunk (and hoist that convert
+    out of the loop). Slicing and updating the bit patterns keeps the storage dtype.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
 
-def _kl_rows_fwd(a, b, c):
+def _unbits(x, dtype):
+    """Inverse of :func:`_bits` for an array stored as ``dtype``."""
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _prepared_rows(x_bits, dtype_x, where, start, c, dtype, t):
+    """Rows [start, start + c) of a stored input (:func:`_bits` view of dtype ``dtype_x``),
+    cast to ``dtype``, tempered and masked: one chunk as ``temper_and_mask`` defines it."""
+    w = None if where is None else _rows(where, start, c)
+    return temper_and_mask(_unbits(_rows(x_bits, start, c), dtype_x), dtype, t, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kl_rows(a, b, where, c, t):
+    return _kl_rows_fwd(a, b, where, c, t)[0]
+
+
+def _kl_rows_fwd(a, b, where, c, t):
     n = a.shape[0]
-    # Row maxima of the whole arrays first (one streaming pass each): the chunk loop then reads
-    # its rows straight from the inputs, without a copy of each chunk for the reduction.
-    ma, mb = safe_max(a), safe_max(b)
+    dtype = compute_dtype(a, b)
+    bits = (_bits(a), _bits(b))
+    # Stored in the compute dtype and unmasked, the row maxima of the whole arrays come first
+    # (one streaming pass each; the division by T > 0 is monotone, so it commutes with the
+    # maximum): the chunk loop then reads its rows straight from the inputs, without a copy of
+    # each chunk for the reduction. Otherwise each chunk is prepared once and reduced in cache.
+    whole_max = where is None and a.dtype == b.dtype == dtype
 
     def body(start, _, carry):
-        ac, bc = _rows(a, start, c), _rows(b, start, c)
-        ma_c, mb_c = _rows(ma, start, c), _rows(mb, start, c)
-        sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc) with the maxima
+        ac, bc = (
+            _prepared_rows(xb, x.dtype, where, start, c, dtype, t)
+            for xb, x in zip(bits, (a, b), strict=True)
+        )
+        if whole_max:
+            ma_c, mb_c = _rows(carry[3], start, c), _rows(carry[4], start, c)
+        else:
+            ma_c, mb_c = safe_max(ac), safe_max(bc)
+        sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
         kl = row_sum(kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
-        return tuple(_put(buf, v, start) for buf, v in zip(carry, (kl, sa, sb), strict=True))
+        new = (kl, sa, sb, ma_c, mb_c)
+        return tuple(_put(buf, v, start) for buf, v in zip(carry, new, strict=True))
 
-    zeros = jnp.zeros((n,), a.dtype)
-    kl, sa, sb = for_each_chunk(n, c, body, (zeros, zeros[:, None], zeros[:, None]))
-    return kl, (a, b, kl, ma, mb, sa, sb)
+    zeros = jnp.zeros((n,), dtype)
+    if whole_max:
+        ma, mb = (
+            safe_max(temper_and_mask(jnp.max(x, -1, keepdims=True), dtype, t)) for x in (a, b)
+        )
+    else:
+        ma = mb = zeros[:, None]
+    init = (zeros, zeros[:, None], zeros[:, None], ma, mb)
+    kl, sa, sb, ma, mb = for_each_chunk(n, c, body, init)
+    return kl, (a, b, where, kl, ma, mb, sa, sb)
 
 
-def _kl_rows_bwd(c, res, g):
-    del c
-    a, b, kl, *stats = res
-    p, q, x = logits_terms(a, b, *stats)
-    ga, gb = kl_logits_grads(p, q, x, kl[:, None])
-    g = g.astype(a.dtype)[:, None]
-    return ga * g, gb * g
+BWD_MODE = "chunked"
+
+
+def _kl_rows_bwd(c, t, res, g):
+    a, b, where, kl, *stats = res
+    dtype = kl.dtype
+    # The chain rule through x/T is a per-row factor: fold it into the row cotangent.
+    g = g.astype(dtype)[:, None]
+    g = g if t == 1 else g / jnp.asarray(t, dtype)
+    if BWD_MODE == "elementwise":
+        p, q, x = logits_terms(
+            temper_and_mask(a, dtype, t, where), temper_and_mask(b, dtype, t, where), *stats
+        )
+        ga, gb = kl_logits_grads(p, q, x, kl[:, None])
+        ga = masked_logits_cotangent(ga * g, a.dtype, where)
+        gb = masked_logits_cotangent(gb * g, b.dtype, where)
+        return ga, gb, None
+    n = a.shape[0]
+    bits = (_bits(a), _bits(b))
+    rows = (kl[:, None], g, *stats)
+
+    def body(start, _, carry):
+        ac, bc = (
+            _prepared_rows(xb, x.dtype, where, start, c, dtype, t)
+            for xb, x in zip(bits, (a, b), strict=True)
+        )
+        kl_c, g_c, *stats_c = (_rows(r, start, c) for r in rows)
+        grads = kl_logits_grads(*logits_terms(ac, bc, *stats_c), kl_c)
+        w = None if where is None else _rows(where, start, c)
+        return tuple(
+            _put(buf, _bits(masked_logits_cotangent(gx * g_c, x.dtype, w)), start)
+            for buf, gx, x in zip(carry, grads, (a, b), strict=True)
+        )
+
+    init = tuple(jnp.zeros_like(xb) for xb in bits)
+    ga, gb = (_unbits(gx, x.dtype) for gx, x in zip(for_each_chunk(n, c, body, init), (a, b)))
+    return ga, gb, None
 
 
 _kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
 
 
-def kl_logits_chunked(a: jax.Array, b: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
-    """KL(softmax(a)‖softmax(b)) along the last axis, in row chunks with an O(N) residual VJP.
+def kl_logits_chunked(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    where: jax.Array | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """KL(softmax(a/T)‖softmax(b/T)) along the last axis, in row chunks with an O(N) residual VJP.
 
     Args:
-      a, b: prepared logits of one shape ``[..., V]`` and one floating dtype (as returned by
-        ``kldiv.discrete.prepare_logits``: event axis last, masked entries −inf, temperature
-        applied).
-      chunk_size: rows per chunk; default: about ``CHUNK_BYTES`` of one input per chunk.
+      a, b: logits of one shape ``[..., V]`` (event axis last), each in its storage dtype
+        (bfloat16, float16, float32 or float64): the cast to the compute dtype
+        (``kldiv._checks.compute_dtype``), the temperature and the mask are applied per chunk
+        (``kldiv.discrete.temper_and_mask``), so no ``[N, V]`` copy in the compute dtype is made.
+      where: boolean mask of the same shape, or None; masked entries count as −inf logits and
+        get exactly zero gradient, whatever they hold.
+      temperature: T > 0, a Python number (a static value; apply traced temperatures to the
+        inputs beforehand).
+      chunk_size: rows per chunk; default: about ``CHUNK_BYTES`` of one input per chunk in the
+        compute dtype.
 
     Returns:
-      KL per row, shape ``a.shape[:-1]``. Differentiable in reverse mode only (a custom VJP; use
-      ``impl="xla"`` for forward-mode derivatives).
+      KL per row, shape ``a.shape[:-1]``, in the compute dtype. Differentiable in reverse mode
+      only (a custom VJP; use ``impl="xla"`` for forward-mode derivatives); the gradients come
+      back in the dtypes of ``a`` and ``b``.
     """
+    t = float(temperature)
     lead, v = a.shape[:-1], a.shape[-1]
-    a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
-    n = a2.shape[0]
-    if n == 0 or v == 0:
-        from kldiv.discrete import _kl_logits_core
-
+    dtype = compute_dtype(a, b)
+    if a.size == 0 or v == 0:
+        a, b = (temper_and_mask(x, dtype, t, where) for x in (a, b))
         return _kl_logits_core(a, b, None)
-    c = chunk_rows(n, v, a.dtype) if chunk_size is None else max(1, min(n, int(chunk_size)))
-    return _kl_rows(a2, b2, c).reshape(lead)
+    a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
+    w2 = None if where is None else where.reshape(-1, v)
+    n = a2.shape[0]
+    c = chunk_rows(n, v, dtype) if chunk_size is None else max(1, min(n, int(chunk_size)))
+    return _kl_rows(a2, b2, w2, c, t).reshape(lead)

@@ -6,7 +6,10 @@ first the online logsumexp statistics of both logits (``_numerics.block_stats`` 
 summed per block. It writes the KL and the four row statistics, which are all the backward kernel
 needs besides the inputs: it walks over the row once more and writes both gradients
 (``kl_logits_grads``) scaled by the incoming cotangent. Nothing of size N·V is ever stored besides
-the inputs and the gradients themselves.
+the inputs and the gradients themselves. The inputs are read in their storage dtype (e.g.
+bfloat16) together with the optional boolean mask, and every loaded block goes through
+``kldiv.discrete.temper_and_mask`` (cast to the compute dtype, divide by the static temperature,
+−inf where masked); gradients are computed in the compute dtype and stored in the inputs' dtypes.
 
 On GPU the kernel is lowered through Triton (``pl.pallas_call`` with Triton compiler params). On
 any other backend it runs in Pallas *interpret mode* (``interpret=True``): the same kernel code
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kldiv._checks import compute_dtype
 from kldiv._numerics import (
     block_stats,
     finish_stats,
@@ -31,6 +35,7 @@ from kldiv._numerics import (
     logits_terms,
     merge_stats,
 )
+from kldiv.discrete import _kl_logits_core, masked_logits_cotangent, temper_and_mask
 
 __all__ = ["block_size", "kl_logits_pallas", "on_gpu"]
 
@@ -56,14 +61,37 @@ def _load(ref, i, block, fill):
     return plgpu.load(ref.at[idx], mask=mask, other=fill), idx, mask
 
 
-def _fwd_kernel(a_ref, b_ref, kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, *, block):
+def _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature):
+    """Block i of both logit rows as ``temper_and_mask`` defines them (the compute dtype, /T,
+    −inf where masked or past the row's end), the mask block (or None), indices, in-row mask."""
+    a, idx, mask = _load(a_ref, i, block, -jnp.inf)
+    b, _, _ = _load(b_ref, i, block, -jnp.inf)
+    w = None if w_ref is None else _load(w_ref, i, block, False)[0]
+    a = temper_and_mask(a, dtype, temperature, w)
+    b = temper_and_mask(b, dtype, temperature, w)
+    return a, b, w, idx, mask
+
+
+def _split_refs(refs, has_where, n_in):
+    """(a_ref, b_ref, w_ref or None, remaining refs) from a kernel's flat ref list."""
+    a_ref, b_ref = refs[:2]
+    w_ref = refs[2] if has_where else None
+    return a_ref, b_ref, w_ref, refs[n_in:]
+
+
+def _fwd_kernel(*refs, block, temperature, has_where):
+    a_ref, b_ref, w_ref, (kl_ref, ma_ref, mb_ref, sa_ref, sb_ref) = _split_refs(
+        refs, has_where, 2 + has_where
+    )
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     dtype = kl_ref.dtype
 
+    def load(i):
+        return _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature)[:2]
+
     def stats_step(i, carry):
         ma, sa, mb, sb = carry
-        a, _, _ = _load(a_ref, i, block, -jnp.inf)
-        b, _, _ = _load(b_ref, i, block, -jnp.inf)
+        a, b = load(i)
         ma, sa = merge_stats(ma, sa, *block_stats(a))
         mb, sb = merge_stats(mb, sb, *block_stats(b))
         return ma, sa, mb, sb
@@ -77,9 +105,7 @@ def _fwd_kernel(a_ref, b_ref, kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, *, block):
     mb, sb = finish_stats(mb, sb)
 
     def kl_step(i, acc):
-        a, _, _ = _load(a_ref, i, block, -jnp.inf)
-        b, _, _ = _load(b_ref, i, block, -jnp.inf)
-        terms = kl_terms(*logits_terms(a, b, ma, mb, sa, sb))
+        terms = kl_terms(*logits_terms(*load(i), ma, mb, sa, sb))
         return acc + jnp.sum(terms, keepdims=True)
 
     kl_ref[...] = jax.lax.fori_loop(0, n_blocks, kl_step, jnp.zeros((1,), dtype))
@@ -89,19 +115,19 @@ def _fwd_kernel(a_ref, b_ref, kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, *, block):
     sb_ref[...] = sb
 
 
-def _bwd_kernel(
-    a_ref, b_ref, kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, ga_ref, gb_ref, *, block
-):
+def _bwd_kernel(*refs, block, temperature, has_where):
+    a_ref, b_ref, w_ref, rest = _split_refs(refs, has_where, 2 + has_where)
+    kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, ga_ref, gb_ref = rest
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     stats = (ma_ref[...], mb_ref[...], sa_ref[...], sb_ref[...])
-    kl, g = kl_ref[...], g_ref[...]
+    kl, g = kl_ref[...], g_ref[...]  # g: the row cotangent, 1/T included
+    dtype = kl.dtype
 
     def step(i, carry):
-        a, idx, mask = _load(a_ref, i, block, -jnp.inf)
-        b, _, _ = _load(b_ref, i, block, -jnp.inf)
+        a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature)
         ga, gb = kl_logits_grads(*logits_terms(a, b, *stats), kl)
-        plgpu.store(ga_ref.at[idx], ga * g, mask=mask)
-        plgpu.store(gb_ref.at[idx], gb * g, mask=mask)
+        plgpu.store(ga_ref.at[idx], masked_logits_cotangent(ga * g, ga_ref.dtype, w), mask=mask)
+        plgpu.store(gb_ref.at[idx], masked_logits_cotangent(gb * g, gb_ref.dtype, w), mask=mask)
         return carry
 
     jax.lax.fori_loop(0, n_blocks, step, 0)
@@ -114,11 +140,11 @@ def _row_spec(v):
 _SCALAR_SPEC = pl.BlockSpec((None, 1), lambda i: (i, 0))
 
 
-def _call(kernel, n, v, n_in_rows, n_in_scalars, out_shapes, out_specs, block, interpret):
+def _call(kernel, n, v, n_in_rows, n_in_scalars, out_shapes, out_specs, block, interpret, **kw):
     """pallas_call over a grid of one program per row: row inputs, then per-row scalars."""
     params = None if interpret else plgpu.CompilerParams(num_warps=8 if block >= 2048 else 4)
     return pl.pallas_call(
-        functools.partial(kernel, block=block),
+        functools.partial(kernel, block=block, **kw),
         out_shape=out_shapes,
         grid=(n,),
         in_specs=[_row_spec(v)] * n_in_rows + [_SCALAR_SPEC] * n_in_scalars,
@@ -129,30 +155,43 @@ def _call(kernel, n, v, n_in_rows, n_in_scalars, out_shapes, out_specs, block, i
     )
 
 
-def _forward(a, b, block, interpret):
+def _row_inputs(a, b, where):
+    return (a, b) if where is None else (a, b, where)
+
+
+def _forward(a, b, where, block, interpret, temperature):
     n, v = a.shape
-    row = jax.ShapeDtypeStruct((n, 1), a.dtype)
-    return _call(_fwd_kernel, n, v, 2, 0, (row,) * 5, (_SCALAR_SPEC,) * 5, block, interpret)(a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _kl_rows(a, b, block, interpret):
-    return _forward(a, b, block, interpret)[0][:, 0]
-
-
-def _kl_rows_fwd(a, b, block, interpret):
-    kl, *stats = _forward(a, b, block, interpret)
-    return kl[:, 0], (a, b, kl, *stats)
-
-
-def _kl_rows_bwd(block, interpret, res, g):
-    a, b, kl, *stats = res
-    n, v = a.shape
-    g = g.astype(a.dtype)[:, None]
-    full = jax.ShapeDtypeStruct((n, v), a.dtype)
-    return _call(_bwd_kernel, n, v, 2, 6, (full, full), (_row_spec(v),) * 2, block, interpret)(
-        a, b, kl, *stats, g
+    rows = _row_inputs(a, b, where)
+    row = jax.ShapeDtypeStruct((n, 1), compute_dtype(a, b))
+    kw = dict(temperature=temperature, has_where=where is not None)
+    call = _call(
+        _fwd_kernel, n, v, len(rows), 0, (row,) * 5, (_SCALAR_SPEC,) * 5, block, interpret, **kw
     )
+    return call(*rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kl_rows(a, b, where, block, interpret, temperature):
+    return _forward(a, b, where, block, interpret, temperature)[0][:, 0]
+
+
+def _kl_rows_fwd(a, b, where, block, interpret, temperature):
+    kl, *stats = _forward(a, b, where, block, interpret, temperature)
+    return kl[:, 0], (a, b, where, kl, *stats)
+
+
+def _kl_rows_bwd(block, interpret, temperature, res, g):
+    a, b, where, kl, *stats = res
+    n, v = a.shape
+    # The chain rule through x/T is a per-row factor: fold it into the row cotangent.
+    g = g.astype(kl.dtype)[:, None]
+    g = g if temperature == 1 else g / jnp.asarray(temperature, kl.dtype)
+    rows = _row_inputs(a, b, where)
+    outs = (jax.ShapeDtypeStruct((n, v), a.dtype), jax.ShapeDtypeStruct((n, v), b.dtype))
+    kw = dict(temperature=temperature, has_where=where is not None)
+    call = _call(_bwd_kernel, n, v, len(rows), 6, outs, (_row_spec(v),) * 2, block, interpret, **kw)
+    ga, gb = call(*rows, kl, *stats, g)
+    return ga, gb, None
 
 
 _kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
@@ -162,26 +201,35 @@ def kl_logits_pallas(
     a: jax.Array,
     b: jax.Array,
     *,
+    where: jax.Array | None = None,
+    temperature: float = 1.0,
     interpret: bool | None = None,
     block: int | None = None,
 ) -> jax.Array:
-    """KL(softmax(a)‖softmax(b)) along the last axis with the Pallas kernels above.
+    """KL(softmax(a/T)‖softmax(b/T)) along the last axis with the Pallas kernels above.
 
     Args:
-      a, b: prepared logits of one shape ``[..., V]`` and one floating dtype (as returned by
-        ``kldiv.discrete.prepare_logits``).
+      a, b: logits of one shape ``[..., V]`` (event axis last), each in its storage dtype; each
+        loaded block is cast to the compute dtype, tempered and masked in the kernel
+        (``kldiv.discrete.temper_and_mask``).
+      where: boolean mask of the same shape, or None; masked entries count as −inf logits and
+        get exactly zero gradient, whatever they hold.
+      temperature: T > 0, a Python number (static; apply traced temperatures beforehand).
       interpret: run in Pallas interpret mode; default: True unless the default backend is a GPU.
       block: vocabulary elements per block (a power of two); default :func:`block_size`.
 
     Returns:
-      KL per row, shape ``a.shape[:-1]``; reverse-mode differentiable (custom VJP).
+      KL per row, shape ``a.shape[:-1]``, in the compute dtype; reverse-mode differentiable
+      (custom VJP), with gradients in the dtypes of ``a`` and ``b``.
     """
+    t = float(temperature)
     lead, v = a.shape[:-1], a.shape[-1]
-    a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
-    if a2.shape[0] == 0 or v == 0:
-        from kldiv.discrete import _kl_logits_core
-
+    if a.size == 0 or v == 0:
+        dtype = compute_dtype(a, b)
+        a, b = (temper_and_mask(x, dtype, t, where) for x in (a, b))
         return _kl_logits_core(a, b, None)
+    a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
+    w2 = None if where is None else where.reshape(-1, v)
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
-    return _kl_rows(a2, b2, block, interpret).reshape(lead)
+    return _kl_rows(a2, b2, w2, block, interpret, t).reshape(lead)
