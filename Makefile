@@ -31,7 +31,7 @@ test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -m multidevice tests
 
 bench: $(BSTAMP)
-	$(BIN)/python -m bench --gaussian-no-grad
+	$(BIN)/python -m bench
 	$(BIN)/python -m bench.report > bench/results/REPORT.md
 
 examples: $(STAMP)

@@ -233,8 +233,8 @@ def temper_and_mask(x, dtype, temperature=1.0, where=None):
     The one definition of the input semantics of :func:`kl_from_logits`, applied to whole arrays
     (XLA path), to row chunks (``kldiv.fused.chunked``) and to loaded vocabulary blocks
     (``kldiv.fused.pallas``), so that all paths agree on every edge. ``temperature``: a Python
-    number (1 skips the division) or an array of the compute dtype's kind; ``where``: boolean,
-    broadcastable to ``x``, or None. Masked entries become −inf whatever ``x`` holds there.
+    number (1 skips the division) or an array; ``where``: boolean, broadcastable to ``x``, or
+    None. Masked entries become −inf whatever ``x`` holds there (NaN, ±inf).
     """
     x = x.astype(dtype)
     if not (isinstance(temperature, numbers.Real) and temperature == 1):
@@ -244,12 +244,28 @@ def temper_and_mask(x, dtype, temperature=1.0, where=None):
     return x
 
 
+def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
+    """The per-row cotangent ``g`` as a ``[..., 1]`` column in ``dtype``, times 1/T: the chain
+    rule through :func:`temper_and_mask`'s division by a static temperature, folded into one
+    factor per row by the fused paths."""
+    g = g.astype(dtype)[..., None]
+    return g if temperature == 1 else g / jnp.asarray(temperature, dtype)
+
+
 def masked_logits_cotangent(g, dtype, where=None):
     """Cotangent of raw logits from the compute-dtype cotangent ``g`` of :func:`temper_and_mask`
     (with the 1/T factor already in ``g``): exactly 0 at masked entries, cast to ``dtype``."""
     if where is not None:
         g = jnp.where(where, g, jnp.zeros_like(g))
     return g.astype(dtype)
+
+
+def kl_logits_aligned(a, b, where=None, temperature=1.0):
+    """The XLA path on aligned logits (event axis last, storage dtypes, as from
+    :func:`align_pair`): whole arrays through :func:`temper_and_mask`, then the core."""
+    dtype = _checks.compute_dtype(a, b)
+    a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
+    return _kl_logits_core(a, b, None)
 
 
 def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
@@ -262,9 +278,8 @@ def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
     _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
     dtype = _checks.compute_dtype(a, b)
-    return temper_and_mask(a, dtype, temperature, where), temper_and_mask(
-        b, dtype, temperature, where
-    )
+    a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
+    return a, b
 
 
 def kl_from_logits(

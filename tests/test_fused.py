@@ -192,6 +192,128 @@ def test_chunked_equals_xla_property(shape, chunk, seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Storage dtypes, masks and temperatures applied inside the fused paths (per chunk / block).
+
+
+def _xla_value_and_grads(a, b, weights, **kw):
+    return _value_and_grads(
+        lambda x, y: kldiv.kl_from_logits(x, y, impl="xla", **kw), a, b, weights
+    )
+
+
+def _assert_output_rounding_close(got, want):
+    """Equal up to float32 rounding (both computed in float32, in different orders) and one
+    rounding to the output dtype (both cast at the end)."""
+    assert got.dtype == want.dtype
+    eps_out = float(jnp.finfo(got.dtype).eps)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    f32_noise = 8 * float(jnp.finfo(jnp.float32).eps) * np.max(np.abs(want))
+    np.testing.assert_allclose(got, want, rtol=eps_out, atol=f32_noise)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize(
+    "dtypes,t",
+    [
+        ((jnp.bfloat16, jnp.bfloat16), 2.5),
+        ((jnp.float16, jnp.float16), 1.0),
+        ((jnp.bfloat16, jnp.float32), 1.0),
+    ],
+    ids=["bf16-T2.5", "f16", "bf16-f32"],
+)
+def test_low_precision_inputs_match_xla(impl, dtypes, t, small_chunks):
+    rng = _rng(6)
+    a = jnp.asarray(rng.normal(size=(6, 37)) * 3, dtypes[0])
+    b = jnp.asarray(rng.normal(size=(6, 37)) * 3, dtypes[1])
+    w = jnp.asarray(rng.uniform(0.5, 2.0, size=6), jnp.float32)
+    val, grads = _value_and_grads(
+        lambda x, y: kldiv.kl_from_logits(x, y, temperature=t, impl=impl), a, b, w
+    )
+    want_val, want_grads = _xla_value_and_grads(a, b, w, temperature=t)
+    assert val.dtype == jnp.float32
+    np.testing.assert_allclose(val, want_val, rtol=1e-6)
+    for g, want, x in zip(grads, want_grads, (a, b), strict=True):
+        assert g.dtype == x.dtype  # gradients in the inputs' dtypes
+        _assert_output_rounding_close(g, want)
+    # and against a float64 reference on the same (rounded) inputs
+    a64, b64 = np.asarray(a, np.float64) / t, np.asarray(b, np.float64) / t
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(a64, b64)
+    np.testing.assert_allclose(val, np.sum(kl * np.asarray(w, np.float64)), rtol=1e-5)
+    for g, ref in zip(grads, (ref_ga, ref_gb), strict=True):
+        ref = ref * np.asarray(w, np.float64)[:, None] / t
+        scale = np.max(np.abs(ref))
+        eps = float(jnp.finfo(g.dtype).eps)
+        np.testing.assert_allclose(np.asarray(g, np.float64), ref, atol=4 * eps * scale)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_where_with_garbage_and_temperature_match_xla(impl, dtype, small_chunks):
+    rng = _rng(7)
+    n, v, t = 7, 40, 2.5
+    a, b = rng.normal(size=(2, n, v)) * 3
+    keep = rng.random((n, v)) > 0.3
+    keep[2] = False  # a row with no entries left
+    garbage = rng.choice([np.nan, np.inf, -np.inf, 1e30], size=(2, n, v))
+    a = jnp.asarray(np.where(keep, a, garbage[0]), dtype)
+    b = jnp.asarray(np.where(keep, b, garbage[1]), dtype)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, size=n), jnp.float32)
+    kw = dict(where=keep, temperature=t)
+    val, grads = _value_and_grads(lambda x, y: kldiv.kl_from_logits(x, y, impl=impl, **kw), a, b, w)
+    want_val, want_grads = _xla_value_and_grads(a, b, w, **kw)
+    assert np.isfinite(val)
+    np.testing.assert_allclose(val, want_val, rtol=1e-6)
+    for g, want in zip(grads, want_grads, strict=True):
+        assert g.dtype == dtype
+        _assert_output_rounding_close(g, want)
+        assert np.all(np.asarray(g, np.float32)[~keep] == 0)
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    # independent reference: masked entries as −inf logits, float64
+    a64 = np.where(keep, np.asarray(a, np.float64), -np.inf) / t
+    b64 = np.where(keep, np.asarray(b, np.float64), -np.inf) / t
+    kl, ref_ga, ref_gb = _ref_kl_and_grads(a64, b64)
+    np.testing.assert_allclose(
+        val, np.sum(np.nan_to_num(kl) * np.asarray(w, np.float64)), rtol=1e-5
+    )
+    # masked entries get exactly zero gradient even where the cotangent is NaN
+    w_nan = w.at[0].set(jnp.nan)
+    ga = jax.grad(lambda x: jnp.sum(kldiv.kl_from_logits(x, b, impl=impl, **kw) * w_nan))(a)
+    assert np.all(np.asarray(ga, np.float32)[~keep] == 0)
+
+
+def test_chunked_where_and_temperature_under_vmap_and_jit(small_chunks):
+    rng = _rng(8)
+    a, b = rng.normal(size=(2, 3, 5, 13))
+    keep = rng.random((3, 5, 13)) > 0.3
+    f = lambda x, y, m: kldiv.kl_from_logits(x, y, where=m, temperature=2.0, impl="chunked")  # noqa: E731
+    want = kldiv.kl_from_logits(a, b, where=keep, temperature=2.0, impl="xla")
+    np.testing.assert_allclose(f(a, b, keep), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(f)(a, b, keep), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(f)(a, b, keep), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_traced_temperature_gradient(impl, small_chunks):
+    """An array temperature is applied before the custom VJP, so its gradient flows."""
+    rng = _rng(9)
+    a, b = rng.normal(size=(2, 4, 11)) * 2
+    keep = rng.random((4, 11)) > 0.2
+    w = rng.uniform(0.5, 2.0, size=4)
+
+    def loss(x, y, t, impl):
+        return jnp.sum(kldiv.kl_from_logits(x, y, where=keep, temperature=t, impl=impl) * w)
+
+    t = jnp.asarray(2.5)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(a, b, t, impl)
+    want = jax.grad(loss, (0, 1, 2))(a, b, t, "xla")
+    for g1, g2 in zip(got, want, strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-14)
+    h = 1e-6  # independent check of d/dT by central differences (float64)
+    fd = (loss(a, b, t + h, "xla") - loss(a, b, t - h, "xla")) / (2 * h)
+    np.testing.assert_allclose(got[2], fd, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory: O(N) residuals, temporaries independent of N.
 
 
@@ -216,6 +338,26 @@ def test_chunked_temporary_memory_is_small_and_flat_in_n():
     ours_4n = _temp_bytes(chunked_loss, 2048, 8192)
     assert ours_4n - ours <= 64 * (2048 - 512), (ours, ours_4n)
     assert _temp_bytes(_optax_loss, 2048, 8192) >= 3.9 * peer
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "where-T2"])
+def test_chunked_makes_no_full_size_compute_dtype_copies(dtype, masked, monkeypatch):
+    """bf16 inputs, a mask or a temperature add no [N, V] float32 temporaries (forward and
+    backward): the cast, division and mask happen per chunk."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 1024)
+    n, v = 2048, 8192
+    x = jax.ShapeDtypeStruct((n, v), dtype)
+    mask = jax.ShapeDtypeStruct((n, v), jnp.bool_)
+    t = 2.0 if masked else 1.0
+
+    def loss(a, b, m=None):
+        return jnp.sum(kldiv.kl_from_logits(a, b, where=m, temperature=t, impl="chunked"))
+
+    args = (x, x, mask) if masked else (x, x)
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.25 * n * v * 4, temp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +386,22 @@ def test_pallas_block_size():
     assert pallas.block_size(151936) == pallas.MAX_BLOCK
 
 
-def test_pallas_lowers_to_triton():
+@pytest.mark.parametrize("dtype,masked", [(jnp.float32, False), (jnp.bfloat16, True)])
+def test_pallas_lowers_to_triton(dtype, masked):
     """The kernels lower to Triton IR for a CUDA target (no GPU needed to lower; compiling the
-    IR to machine code and running it needs one and is not covered here)."""
-    x = jax.ShapeDtypeStruct((64, 5000), jnp.float32)
+    IR to machine code and running it needs one and is not covered here), also with bf16 inputs,
+    a boolean mask and a temperature applied inside the kernels."""
+    x = jax.ShapeDtypeStruct((64, 5000), dtype)
+    m = jax.ShapeDtypeStruct((64, 5000), jnp.bool_) if masked else None
+    t = 2.0 if masked else 1.0
     f = jax.value_and_grad(
-        lambda a, b: jnp.sum(pallas.kl_logits_pallas(a, b, interpret=False)), (0, 1)
+        lambda a, b, m: jnp.sum(
+            pallas.kl_logits_pallas(a, b, where=m, temperature=t, interpret=False)
+        ),
+        (0, 1),
     )
     try:
-        lowered = jax.jit(f).trace(x, x).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(f).trace(x, x, m).lower(lowering_platforms=("cuda",))
     except (ImportError, RuntimeError) as e:  # jaxlib without Triton/CUDA lowering support
         pytest.skip(f"no Triton lowering available: {e}")
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels

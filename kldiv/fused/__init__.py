@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 
 from kldiv import _checks
-from kldiv.discrete import _kl_logits_core, static_temperature, temper_and_mask
+from kldiv.discrete import kl_logits_aligned, static_temperature, temper_and_mask
 from kldiv.fused.chunked import kl_logits_chunked
 from kldiv.fused.linear import DIRECTIONS, fused_linear_kl
 
@@ -84,12 +84,11 @@ def kl_from_prepared_logits(
     """
     if impl == "auto":
         impl = choose_logits_impl(a.shape, a.dtype)
-    dtype = _checks.compute_dtype(a, b)
     if impl == "xla":
-        a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
-        return _kl_logits_core(a, b, None)
+        return kl_logits_aligned(a, b, where, temperature)
     t = static_temperature(temperature)
     if t is None:  # an array temperature: applied here, so that its gradient flows (full copy)
+        dtype = _checks.compute_dtype(a, b)
         a, b = (temper_and_mask(x, dtype, temperature) for x in (a, b))
         t = 1.0
     if impl == "chunked":

@@ -3,15 +3,16 @@
 The naive composition (log-softmax of both logits, KL, autodiff) keeps several ``[N, V]``
 float32 arrays alive for the backward pass and reads the logits many times. Here:
 
-* forward: the row maxima of both logits (one streaming pass each), then a loop over chunks of
-  ``C`` rows that computes Σexp of both rows and the KL terms while the chunk is in cache. Saved
-  for the backward pass: the inputs and four numbers per row (maxima, Σexp) and the KL, O(N).
-* backward: both gradients from the saved statistics in one elementwise pass,
+* forward: the row maxima of both logits (one streaming pass each; with a mask or 16-bit
+  inputs, per chunk instead), then a loop over chunks of ``C`` rows that computes Σexp of both
+  rows and the KL terms while the chunk is in cache. Saved for the backward pass: the inputs (as
+  given) and four numbers per row (maxima, Σexp) and the KL, O(N).
+* backward: both gradients from the saved statistics in elementwise passes,
 
       ∂KL/∂a = p·(x − KL),   ∂KL/∂b = q − p,   x = log(p/q)   (``_numerics.kl_logits_grads``),
 
-  which needs no reduction and therefore no chunking: XLA fuses it into loops that write the two
-  gradients directly (no ``[N, V]`` temporaries besides the outputs).
+  which need no reduction and therefore no chunking: XLA fuses them into loops that write the
+  two gradients directly (no ``[N, V]`` temporaries besides the outputs).
 
 The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
 applies ``kldiv.discrete.temper_and_mask`` (cast to the compute dtype, divide by a static T,
@@ -42,7 +43,12 @@ from kldiv._numerics import (
     safe_max,
     sum_exp,
 )
-from kldiv.discrete import _kl_logits_core, masked_logits_cotangent, temper_and_mask
+from kldiv.discrete import (
+    kl_logits_aligned,
+    masked_logits_cotangent,
+    temper_and_mask,
+    tempered_row_cotangent,
+)
 
 __all__ = ["chunk_rows", "for_each_chunk", "kl_logits_chunked", "kl_rows_with_grad", "row_sum"]
 
@@ -114,26 +120,23 @@ def kl_rows_with_grad(a: jax.Array, b: jax.Array, wrt: str) -> tuple[jax.Array, 
     return kl, (ga if wrt == "a" else gb)
 
 
-def _bits(x):
-    """16-bit floats as their uint16 bit patterns (free), else ``x``.
+def _pass_through(x, dtype):
+    """``x`` behind an optimization barrier if it is stored narrower than ``dtype`` (a no-op).
 
-    XLA:CPU runs no bfloat16/float16 slice or update natively: it would convert the whole
-    ``[N, V]`` operand to float32 around every dynamic slice of a chunk (and hoist that convert
-    out of the loop). Slicing and updating the bit patterns keeps the storage dtype.
+    XLA:CPU has no native bfloat16 slices: it converts the whole operand of each chunk's
+    dynamic slice to float32 and, the operand being loop-invariant, hoists that conversion out
+    of the loop — an ``[N, V]`` float32 copy. Handing the input on through the loop carry
+    behind a barrier keeps it from looking invariant, so the conversion fuses into the slice and
+    only the chunk is converted. (The barrier forwards the buffer; nothing is copied.)
     """
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+    return x if x.dtype == dtype else jax.lax.optimization_barrier(x)
 
 
-def _unbits(x, dtype):
-    """Inverse of :func:`_bits` for an array stored as ``dtype``."""
-    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
-
-
-def _prepared_rows(x_bits, dtype_x, where, start, c, dtype, t):
-    """Rows [start, start + c) of a stored input (:func:`_bits` view of dtype ``dtype_x``),
-    cast to ``dtype``, tempered and masked: one chunk as ``temper_and_mask`` defines it."""
+def _prepared_rows(x, where, start, c, dtype, t):
+    """Rows [start, start + c) of a stored input, cast to ``dtype``, tempered and masked: one
+    chunk as ``temper_and_mask`` defines it."""
     w = None if where is None else _rows(where, start, c)
-    return temper_and_mask(_unbits(_rows(x_bits, start, c), dtype_x), dtype, t, w)
+    return temper_and_mask(_rows(x, start, c), dtype, t, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -144,76 +147,59 @@ def _kl_rows(a, b, where, c, t):
 def _kl_rows_fwd(a, b, where, c, t):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
-    bits = (_bits(a), _bits(b))
     # Stored in the compute dtype and unmasked, the row maxima of the whole arrays come first
     # (one streaming pass each; the division by T > 0 is monotone, so it commutes with the
     # maximum): the chunk loop then reads its rows straight from the inputs, without a copy of
     # each chunk for the reduction. Otherwise each chunk is prepared once and reduced in cache.
     whole_max = where is None and a.dtype == b.dtype == dtype
-
-    def body(start, _, carry):
-        ac, bc = (
-            _prepared_rows(xb, x.dtype, where, start, c, dtype, t)
-            for xb, x in zip(bits, (a, b), strict=True)
-        )
-        if whole_max:
-            ma_c, mb_c = _rows(carry[3], start, c), _rows(carry[4], start, c)
-        else:
-            ma_c, mb_c = safe_max(ac), safe_max(bc)
-        sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
-        kl = row_sum(kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
-        new = (kl, sa, sb, ma_c, mb_c)
-        return tuple(_put(buf, v, start) for buf, v in zip(carry, new, strict=True))
-
-    zeros = jnp.zeros((n,), dtype)
     if whole_max:
         ma, mb = (
             safe_max(temper_and_mask(jnp.max(x, -1, keepdims=True), dtype, t)) for x in (a, b)
         )
-    else:
-        ma = mb = zeros[:, None]
-    init = (zeros, zeros[:, None], zeros[:, None], ma, mb)
-    kl, sa, sb, ma, mb = for_each_chunk(n, c, body, init)
+
+    # The carry: the stored inputs (see _pass_through) and the per-row outputs (with the maxima
+    # unless they came first).
+    def body(start, _, carry):
+        (a_, b_), out = carry
+        ac, bc = (_prepared_rows(x, where, start, c, dtype, t) for x in (a_, b_))
+        if whole_max:
+            ma_c, mb_c = _rows(ma, start, c), _rows(mb, start, c)
+        else:
+            ma_c, mb_c = safe_max(ac), safe_max(bc)
+        sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
+        kl = row_sum(kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
+        new = (kl, sa, sb) + (() if whole_max else (ma_c, mb_c))
+        out = tuple(_put(buf, v, start) for buf, v in zip(out, new, strict=True))
+        return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
+
+    zeros = jnp.zeros((n,), dtype)
+    init = (zeros,) + (zeros[:, None],) * (2 if whole_max else 4)
+    kl, sa, sb, *maxima = for_each_chunk(n, c, body, ((a, b), init))[1]
+    if not whole_max:
+        ma, mb = maxima
     return kl, (a, b, where, kl, ma, mb, sa, sb)
 
 
-BWD_MODE = "chunked"
-
-
 def _kl_rows_bwd(c, t, res, g):
+    del c
     a, b, where, kl, *stats = res
     dtype = kl.dtype
-    # The chain rule through x/T is a per-row factor: fold it into the row cotangent.
-    g = g.astype(dtype)[:, None]
-    g = g if t == 1 else g / jnp.asarray(t, dtype)
-    if BWD_MODE == "elementwise":
-        p, q, x = logits_terms(
-            temper_and_mask(a, dtype, t, where), temper_and_mask(b, dtype, t, where), *stats
-        )
-        ga, gb = kl_logits_grads(p, q, x, kl[:, None])
-        ga = masked_logits_cotangent(ga * g, a.dtype, where)
-        gb = masked_logits_cotangent(gb * g, b.dtype, where)
-        return ga, gb, None
-    n = a.shape[0]
-    bits = (_bits(a), _bits(b))
-    rows = (kl[:, None], g, *stats)
+    g = tempered_row_cotangent(g, dtype, t)
 
-    def body(start, _, carry):
-        ac, bc = (
-            _prepared_rows(xb, x.dtype, where, start, c, dtype, t)
-            for xb, x in zip(bits, (a, b), strict=True)
-        )
-        kl_c, g_c, *stats_c = (_rows(r, start, c) for r in rows)
-        grads = kl_logits_grads(*logits_terms(ac, bc, *stats_c), kl_c)
-        w = None if where is None else _rows(where, start, c)
-        return tuple(
-            _put(buf, _bits(masked_logits_cotangent(gx * g_c, x.dtype, w)), start)
-            for buf, gx, x in zip(carry, grads, (a, b), strict=True)
-        )
+    def grad(wrt, a, b):
+        ac, bc = (temper_and_mask(x, dtype, t, where) for x in (a, b))
+        gx = kl_logits_grads(*logits_terms(ac, bc, *stats), kl[:, None])[wrt]
+        return masked_logits_cotangent(gx * g, (a, b)[wrt].dtype, where)
 
-    init = tuple(jnp.zeros_like(xb) for xb in bits)
-    ga, gb = (_unbits(gx, x.dtype) for gx, x in zip(for_each_chunk(n, c, body, init), (a, b)))
-    return ga, gb, None
+    # Two elementwise passes over the inputs, each writing its gradient directly. They share
+    # e^{a − max a}: XLA computes it once into an [N, V] buffer that it then reuses for a
+    # gradient (no temporary) — possible only when the gradients have the compute dtype. For
+    # narrower inputs the barrier keeps the passes independent (the shared terms are
+    # recomputed), so that no [N, V] temporary in the compute dtype is made.
+    ga = grad(0, a, b)
+    if a.dtype != dtype or b.dtype != dtype:
+        a, b = jax.lax.optimization_barrier((a, b))
+    return ga, grad(1, a, b), None
 
 
 _kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
@@ -250,8 +236,7 @@ def kl_logits_chunked(
     lead, v = a.shape[:-1], a.shape[-1]
     dtype = compute_dtype(a, b)
     if a.size == 0 or v == 0:
-        a, b = (temper_and_mask(x, dtype, t, where) for x in (a, b))
-        return _kl_logits_core(a, b, None)
+        return kl_logits_aligned(a, b, where, t)
     a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
     w2 = None if where is None else where.reshape(-1, v)
     n = a2.shape[0]

@@ -35,7 +35,12 @@ from kldiv._numerics import (
     logits_terms,
     merge_stats,
 )
-from kldiv.discrete import _kl_logits_core, masked_logits_cotangent, temper_and_mask
+from kldiv.discrete import (
+    kl_logits_aligned,
+    masked_logits_cotangent,
+    temper_and_mask,
+    tempered_row_cotangent,
+)
 
 __all__ = ["block_size", "kl_logits_pallas", "on_gpu"]
 
@@ -183,9 +188,7 @@ def _kl_rows_fwd(a, b, where, block, interpret, temperature):
 def _kl_rows_bwd(block, interpret, temperature, res, g):
     a, b, where, kl, *stats = res
     n, v = a.shape
-    # The chain rule through x/T is a per-row factor: fold it into the row cotangent.
-    g = g.astype(kl.dtype)[:, None]
-    g = g if temperature == 1 else g / jnp.asarray(temperature, kl.dtype)
+    g = tempered_row_cotangent(g, kl.dtype, temperature)
     rows = _row_inputs(a, b, where)
     outs = (jax.ShapeDtypeStruct((n, v), a.dtype), jax.ShapeDtypeStruct((n, v), b.dtype))
     kw = dict(temperature=temperature, has_where=where is not None)
@@ -225,9 +228,7 @@ def kl_logits_pallas(
     t = float(temperature)
     lead, v = a.shape[:-1], a.shape[-1]
     if a.size == 0 or v == 0:
-        dtype = compute_dtype(a, b)
-        a, b = (temper_and_mask(x, dtype, t, where) for x in (a, b))
-        return _kl_logits_core(a, b, None)
+        return kl_logits_aligned(a, b, where, t)
     a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
     w2 = None if where is None else where.reshape(-1, v)
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
