@@ -50,8 +50,6 @@ inverse autoregressive flow" (free bits).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,37 +196,26 @@ def _drop_unit_batch(l: jax.Array) -> jax.Array:
     return l
 
 
-def _solve(l: jax.Array, b: jax.Array, rows: bool) -> jax.Array:
-    if rows:  # Y Lᵀ = B: each row of B solved against L, no transposed copies
-        return jax.lax.linalg.triangular_solve(l, b, left_side=False, lower=True, transpose_a=True)
+@jax.custom_jvp
+def _tri_solve(l: jax.Array, b: jax.Array) -> jax.Array:
+    """L⁻¹B for lower-triangular L (upper triangle ignored), same batch axes or none.
+
+    The tangent is the closed form L⁻¹(dB − tril(dL)·Y), so reverse mode needs one more solve
+    (with Lᵀ) and one matrix product: two triangular solves in all, run one after the other.
+    (Differentiating ``solve_triangular`` directly adds a third, independent one; on CPU two
+    batched LAPACK solves in flight at once can deadlock jaxlib's shared thread pool.)
+    """
     return solve_triangular(l, b, lower=True)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _tri_solve(l: jax.Array, b: jax.Array, rows: bool = False) -> jax.Array:
-    """L⁻¹B for lower-triangular L (upper triangle ignored), same batch axes or none; with
-    ``rows=True`` and a single L, B L⁻ᵀ instead (the rows of B solved: (L⁻¹ bᵢᵀ)ᵀ).
-
-    The tangent is the closed form L⁻¹(dB − tril(dL)·Y) (rows: (dB − Y·tril(dL)ᵀ)L⁻ᵀ), so
-    reverse mode needs one more solve (with Lᵀ) and one matrix product: two triangular solves in
-    all, run one after the other. (Differentiating ``solve_triangular`` directly adds a third,
-    independent one; on CPU two batched LAPACK solves in flight at once can deadlock jaxlib's
-    shared thread pool.)
-    """
-    return _solve(l, b, rows)
-
-
-def _tri_solve_jvp(rows, primals, tangents):
+def _tri_solve_jvp(primals, tangents):
     l, b = primals
     dl, db = tangents
-    y = _tri_solve(l, b, rows)
+    y = _tri_solve(l, b)
     rhs = jnp.zeros_like(y) if isinstance(db, SymbolicZero) else db
     if not isinstance(dl, SymbolicZero):
-        if rows:
-            rhs = rhs - jnp.matmul(y, jnp.tril(dl).T, precision=_HIGHEST)
-        else:
-            rhs = rhs - jnp.matmul(jnp.tril(dl), y, precision=_HIGHEST)
-    return y, _solve(l, rhs, rows)
+        rhs = rhs - jnp.matmul(jnp.tril(dl), y, precision=_HIGHEST)
+    return y, solve_triangular(l, rhs, lower=True)
 
 
 _tri_solve.defjvp(_tri_solve_jvp, symbolic_zeros=True)
@@ -240,10 +227,9 @@ def _solve_sq_rows(l: jax.Array, x: jax.Array, n_strict: int = 0) -> jax.Array:
 
     ``l``: lower-triangular ``[..., d, d]``; ``x``: ``[..., d, n]``; returns ``[..., d]`` for the
     broadcast batch shape. When ``l`` has no batch axes (a shared prior) the columns of every
-    example's ``x`` are stacked as the rows of one ``[batch·n, d]`` matrix R and solved once from
-    the right (R L⁻ᵀ): a single level-3 triangular solve against the shared factor instead of
-    one solve per example, which reads and writes the stacked rows without transposed copies
-    (in the forward and the backward pass).
+    example's ``x`` are stacked into one ``[d, batch·n]`` right-hand side and solved once: a single
+    level-3 triangular solve against the shared factor instead of one solve per example. The
+    stacked columns are laid out so that the solve reads and writes them without further copies.
     Callers pass all their right-hand sides in one ``x``: one solve per call is cheaper, and on
     CPU two batched LAPACK solves running concurrently can deadlock jaxlib's shared thread pool.
     """
@@ -251,7 +237,7 @@ def _solve_sq_rows(l: jax.Array, x: jax.Array, n_strict: int = 0) -> jax.Array:
     if l.ndim == 2:
         batch = x.shape[:-2]
         cols_t = jnp.swapaxes(x, -1, -2).reshape(-1, d)  # row (b, j) = column j of x_b
-        m_t = _tri_solve(l, cols_t, True).reshape(*batch, n, d)  # (L⁻¹x_b)ᵀ
+        m_t = _tri_solve(l, cols_t.T).T.reshape(*batch, n, d)  # (L⁻¹x_b)ᵀ
         row_axis, col_axis = m_t.ndim - 1, m_t.ndim - 2
     else:
         batch = tuple(np.broadcast_shapes(l.shape[:-2], x.shape[:-2]))
