@@ -260,12 +260,16 @@ def masked_logits_cotangent(g, dtype, where=None):
     return g.astype(dtype)
 
 
+def temper_and_mask_pair(a, b, temperature=1.0, where=None):
+    """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype."""
+    dtype = _checks.compute_dtype(a, b)
+    return tuple(temper_and_mask(x, dtype, temperature, where) for x in (a, b))
+
+
 def kl_logits_aligned(a, b, where=None, temperature=1.0):
     """The XLA path on aligned logits (event axis last, storage dtypes, as from
     :func:`align_pair`): whole arrays through :func:`temper_and_mask`, then the core."""
-    dtype = _checks.compute_dtype(a, b)
-    a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
-    return _kl_logits_core(a, b, None)
+    return _kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), None)
 
 
 def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
@@ -277,9 +281,7 @@ def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
     """
     _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    dtype = _checks.compute_dtype(a, b)
-    a, b = (temper_and_mask(x, dtype, temperature, where) for x in (a, b))
-    return a, b
+    return temper_and_mask_pair(a, b, temperature, where)
 
 
 def kl_from_logits(
@@ -352,11 +354,10 @@ def kl_from_logits(
         raise ValueError(
             f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
         )
-    if axis_name is not None or impl == "xla":
-        a, b = prepare_logits(logits_p, logits_q, axis, where, temperature)
-        return _kl_logits_core(a, b, axis_name)
-    from kldiv import fused  # deferred: keeps `import kldiv` light and avoids an import cycle
-
     _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    if axis_name is not None or impl == "xla":
+        return _kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), axis_name)
+    from kldiv import fused  # deferred: keeps `import kldiv` light and avoids an import cycle
+
     return fused.kl_from_prepared_logits(a, b, impl, where=where, temperature=temperature)

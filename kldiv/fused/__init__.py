@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from kldiv import _checks
-from kldiv.discrete import kl_logits_aligned, static_temperature, temper_and_mask
+from kldiv.discrete import kl_logits_aligned, static_temperature, temper_and_mask_pair
 from kldiv.fused.chunked import kl_logits_chunked
 from kldiv.fused.linear import DIRECTIONS, fused_linear_kl
 
@@ -88,8 +87,7 @@ def kl_from_prepared_logits(
         return kl_logits_aligned(a, b, where, temperature)
     t = static_temperature(temperature)
     if t is None:  # an array temperature: applied here, so that its gradient flows (full copy)
-        dtype = _checks.compute_dtype(a, b)
-        a, b = (temper_and_mask(x, dtype, temperature) for x in (a, b))
+        a, b = temper_and_mask_pair(a, b, temperature)
         t = 1.0
     if impl == "chunked":
         return kl_logits_chunked(a, b, where=where, temperature=t)
