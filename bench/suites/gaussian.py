@@ -294,11 +294,10 @@ def _measure_isolated(case, b, d, dtype_name, impls, opts, timeout, progress) ->
     """``_measure`` in fresh processes, each abandoned after ``timeout`` seconds.
 
     Batched LAPACK calls (triangular solves) on CPU can deadlock jaxlib's thread pool when two
-    are in flight at once, which hangs the peers' forward+backward of the full-covariance cases
-    (measured: distrax and TFP at batch ≥ 256 on a 2-core machine; at batch 64 they finish in a
-    few ms). So the forward passes of all implementations run interleaved in one process (each
-    jitted forward issues one solve at a time), and each forward+backward in its own process;
-    what hangs is recorded in the ``note`` column and the run goes on.
+    are in flight at once, which hangs the peers' forward+backward of the full-covariance cases.
+    So the forward passes of all implementations run interleaved in one process (each jitted
+    forward issues one solve at a time), and each forward+backward in its own process; what
+    hangs is recorded in the ``note`` column and the run goes on.
     """
     import multiprocessing as mp
 
