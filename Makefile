@@ -21,6 +21,7 @@ $(BSTAMP): pyproject.toml $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check kldiv tests bench examples
 	$(BIN)/ruff format --check kldiv tests bench examples
+	$(BIN)/pyright kldiv
 
 format: $(STAMP)
 	$(BIN)/ruff format kldiv tests bench examples

@@ -90,6 +90,7 @@ def machine_description() -> dict:
         "jax": jax.__version__,
         "python": sys.version.split()[0],
         "commit": _git_commit(),
+        "dirty": _git_dirty(),
     }
 
 
@@ -100,6 +101,46 @@ def _git_commit() -> str | None:
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _git_dirty() -> bool | None:
+    """Whether the measured code (kldiv/, bench/) differs from the recorded commit."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kldiv", "bench/suites", "bench/common.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def code_changes_since(commit: str | None) -> int | None:
+    """Commits that changed the measured code (kldiv/, bench/suites, bench/common.py) after
+    ``commit``: 0 means the result describes the current code; None if git cannot tell."""
+    if not commit:
+        return None
+    try:
+        out = subprocess.run(
+            [
+                "git",
+                "rev-list",
+                "--count",
+                f"{commit}..HEAD",
+                "--",
+                "kldiv",
+                "bench/suites",
+                "bench/common.py",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return None
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from bench.common import format_table
+from bench.common import code_changes_since, format_table
 
 
 def render(directory: str = "bench/results") -> str:
@@ -28,6 +28,16 @@ def render(directory: str = "bench/results") -> str:
             f"repeats={data['args'].get('repeats')}, warmup={data['args'].get('warmup')}"
             f"{', quick shapes' if data['args'].get('quick') else ''}.\n"
         )
+        changed = code_changes_since(m.get("commit"))
+        if m.get("dirty") or changed:
+            why = (
+                f"{changed} later commit(s) changed kldiv/ or bench/"
+                if changed
+                else "measured with uncommitted changes"
+            )
+            parts.append(f"**Stale: {why}; re-run the command to refresh these rows.**\n")
+        elif changed is None:
+            parts.append("(Whether these rows describe the current code is unknown.)\n")
         parts.append(format_table(data["rows"]) + "\n")
         for png in sorted(glob.glob(stem + "_*.png") + glob.glob(stem + ".png")):
             parts.append(f"![{os.path.basename(png)}]({png})\n")

@@ -12,6 +12,7 @@ from kldiv import (  # noqa: F401  (submodules as attributes)
     estimators,
     family,
     fused,
+    fused_linear,
     gaussian,
     losses,
     montecarlo,
@@ -71,7 +72,7 @@ from kldiv.family import (
     total_variation_from_log_probs,
     total_variation_from_logits,
 )
-from kldiv.fused import fused_linear_kl
+from kldiv.fused_linear import fused_linear_kl
 from kldiv.gaussian import (
     kl_diag,
     kl_diag_log_scale,

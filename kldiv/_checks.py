@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.typing import ArrayLike
 
-__all__ = [
-    "as_float",
-    "as_keep_mask",
-    "broadcast_shapes",
-    "check_axis",
-    "check_floating",
-    "check_positive",
-    "check_temperature",
-    "check_where",
-    "compute_dtype",
-    "validate_log_probs",
-    "validate_probs",
-]
+__all__ = ["validate_log_probs", "validate_probs"]
+
+Reduction = Literal["none", "sum", "mean", "batchmean", "dataset"]
+"""The explicit reductions of :func:`kldiv.reduce` (one alias, used by every reducing function)."""
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "batchmean", "dataset")
+
+Direction = Literal["forward", "reverse", "jsd"]
+"""Distillation directions: KL(p‖q), KL(q‖p) or the generalised Jensen–Shannon divergence."""
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
+
+
+def check_choice(name: str, value, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``; ValueError naming ``name`` and the choices."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"kldiv: unknown {name} {value!r}; allowed: " + ", ".join(map(repr, allowed))
+        )
+    return value
 
 
 def check_floating(name: str, x) -> None:
@@ -52,13 +59,6 @@ def compute_dtype(*xs) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def as_float(name: str, x, dtype=None) -> jax.Array:
-    """Checks that ``x`` is floating and casts it to ``dtype`` (default: its compute dtype)."""
-    check_floating(name, x)
-    x = jnp.asarray(x)
-    return x.astype(dtype if dtype is not None else compute_dtype(x))
-
-
 def broadcast_shapes(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     """The broadcast shape of ``shapes``; ValueError naming every argument and shape if none."""
     try:
@@ -69,6 +69,22 @@ def broadcast_shapes(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) ->
             f"kldiv: shapes do not broadcast: {described}. Trailing dimensions must be equal or 1 "
             "(numpy broadcasting rules)."
         ) from None
+
+
+def broadcast_floating(
+    names: Sequence[str], xs: Sequence, *, cast: bool = True
+) -> tuple[list[jax.Array], tuple[int, ...]]:
+    """The one preparation of several floating arguments: each checked (TypeError naming it),
+    all broadcast to one shape (ValueError naming every shape) and, with ``cast``, cast to their
+    common compute dtype (:func:`compute_dtype`). Returns the arrays and the shape."""
+    for name, x in zip(names, xs, strict=True):
+        check_floating(name, x)
+    arrays = [jnp.asarray(x) for x in xs]
+    shape = broadcast_shapes(names, [x.shape for x in arrays])
+    if cast:
+        dtype = compute_dtype(*arrays)
+        arrays = [x.astype(dtype) for x in arrays]
+    return [jnp.broadcast_to(x, shape) for x in arrays], shape
 
 
 def check_axis(axis: int, ndim: int, name: str = "axis") -> int:
@@ -87,31 +103,46 @@ def check_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
-def check_where(where, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
-    """Validates a boolean mask broadcastable to ``shape``; returns it broadcast, or None."""
-    if where is None:
+def check_mask(
+    mask, shape: tuple[int, ...], name: str = "where", *, numeric: bool = False
+) -> jax.Array | None:
+    """The one mask check: ``mask`` broadcast to ``shape``, or None when it is None.
+
+    ``numeric=False`` (event-axis ``where`` masks) requires a boolean mask; ``numeric=True``
+    (per-example ``mask`` weights of a reduction) also accepts numbers, returned as they are.
+    TypeError names ``name`` and its dtype; ValueError names it, its shape and ``shape``.
+    """
+    if mask is None:
         return None
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ and not (numeric and jnp.issubdtype(mask.dtype, jnp.number)):
+        allowed = "boolean or numeric" if numeric else "a boolean mask"
         raise TypeError(
-            f"kldiv: `{name}` must be a boolean mask; got dtype {where.dtype}. "
-            f"Use e.g. `{name}=mask.astype(bool)`."
+            f"kldiv: `{name}` must be {allowed}; got dtype {mask.dtype}. "
+            f"Use e.g. `{name}=m.astype(bool)`."
         )
+    check_broadcasts_to(name, mask.shape, shape, "a mask")
+    return jnp.broadcast_to(mask, tuple(shape))
+
+
+def check_broadcasts_to(name: str, got: tuple[int, ...], shape: tuple[int, ...], what: str = ""):
+    """ValueError naming ``name``, its shape ``got`` and ``shape`` unless ``got`` broadcasts to
+    ``shape`` without changing it; ``what`` describes the argument's role in the message."""
     try:
-        out_shape = tuple(np.broadcast_shapes(where.shape, shape))
+        out_shape = tuple(np.broadcast_shapes(tuple(got), tuple(shape)))
     except ValueError:
         out_shape = None
     if out_shape != tuple(shape):
+        role = f" ({what})" if what else ""
         raise ValueError(
-            f"kldiv: `{name}` of shape {where.shape} does not broadcast to the inputs' shape "
+            f"kldiv: `{name}`{role} of shape {tuple(got)} does not broadcast to the shape "
             f"{tuple(shape)}."
         )
-    return jnp.broadcast_to(where, shape)
 
 
 def check_temperature(temperature) -> None:
     """Python numbers must be > 0; traced values are taken as they are (annealing schedules)."""
-    if isinstance(temperature, numbers.Real) and not temperature > 0:
+    if isinstance(temperature, numbers.Real) and not float(temperature) > 0:
         raise ValueError(f"kldiv: `temperature` must be > 0; got {temperature}.")
 
 
@@ -122,7 +153,17 @@ def check_same_event_size(names: Sequence[str], sizes: Sequence[int]) -> None:
         raise ValueError(f"kldiv: event sizes differ: {described}.")
 
 
-def validate_probs(p: jax.Array, *, axis: int = -1, atol: float = 1e-4, name: str = "p"):
+def _check_total_is_one(what: str, total: jax.Array, axis: int, atol: float) -> None:
+    """Records a checkify error unless every total is 1 within ``atol`` (naming the worst)."""
+    checkify.check(
+        jnp.all(jnp.abs(total - 1) <= atol),
+        f"kldiv: {what} does not sum to 1 along axis {axis} within atol={atol} "
+        "(worst total {total}).",
+        total=total.ravel()[jnp.argmax(jnp.abs(total - 1).ravel())],
+    )
+
+
+def validate_probs(p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: str = "p"):
     """Runtime check (opt-in) that ``p`` holds probability vectors along ``axis``.
 
     Records a ``checkify`` error unless every entry is finite and non-negative and every vector
@@ -145,18 +186,12 @@ def validate_probs(p: jax.Array, *, axis: int = -1, atol: float = 1e-4, name: st
         jnp.all(jnp.isfinite(x) & (x >= 0)),
         f"kldiv: `{name}` has negative or non-finite entries; probabilities must be in [0, 1].",
     )
-    total = jnp.sum(x, axis=axis)
-    checkify.check(
-        jnp.all(jnp.abs(total - 1) <= atol),
-        f"kldiv: `{name}` does not sum to 1 along axis {axis} within atol={atol} "
-        "(worst total {total}).",
-        total=total.ravel()[jnp.argmax(jnp.abs(total - 1).ravel())],
-    )
+    _check_total_is_one(f"`{name}`", jnp.sum(x, axis=axis), axis, atol)
     return p
 
 
 def validate_log_probs(
-    log_p: jax.Array, *, axis: int = -1, atol: float = 1e-4, name: str = "log_p"
+    log_p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: str = "log_p"
 ) -> jax.Array:
     """Like :func:`validate_probs` for log-probabilities: no NaN or +inf, logsumexp ≈ 0."""
     check_floating(name, log_p)
@@ -167,13 +202,7 @@ def validate_log_probs(
         jnp.all(~jnp.isnan(x) & (x < jnp.inf)),
         f"kldiv: `{name}` has NaN or +inf entries; log-probabilities must be in [-inf, 0].",
     )
-    total = jnp.exp(jax.nn.logsumexp(x, axis=axis))
-    checkify.check(
-        jnp.all(jnp.abs(total - 1) <= atol),
-        f"kldiv: exp(`{name}`) does not sum to 1 along axis {axis} within atol={atol} "
-        "(worst total {total}).",
-        total=total.ravel()[jnp.argmax(jnp.abs(total - 1).ravel())],
-    )
+    _check_total_is_one(f"exp(`{name}`)", jnp.exp(jax.nn.logsumexp(x, axis=axis)), axis, atol)
     return log_p
 
 
@@ -181,17 +210,11 @@ def check_positive(name: str, value) -> None:
     """Python numbers must be > 0; None and array values are taken as they are."""
     if value is None or isinstance(value, jax.Array):
         return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) > 0:
         raise ValueError(f"kldiv: `{name}` must be a number > 0 or None; got {value!r}.")
 
 
 def as_keep_mask(mask, shape: tuple[int, ...], name: str) -> jax.Array | None:
     """Boolean view of a keep-mask (numeric weights: nonzero = kept), broadcast to ``shape``."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        if not jnp.issubdtype(mask.dtype, jnp.number):
-            raise TypeError(f"kldiv: `{name}` must be boolean or numeric; got dtype {mask.dtype}.")
-        mask = mask != 0
-    return check_where(mask, shape, name)
+    mask = check_mask(mask, shape, name, numeric=True)
+    return mask if mask is None or mask.dtype == jnp.bool_ else mask != 0

@@ -17,15 +17,29 @@ import math
 import jax
 import jax.numpy as jnp
 
-# |x| below this uses the series; above it p·x − p + q loses at most ~5 bits.
+__all__: list[str] = []
+
+# kl_terms: |x| below this uses the series; above it p·x − p + q loses at most ~5 bits.
 SERIES_THRESHOLD = 0.25
+# omega / exp_excess: |x| below this uses the series (with the terms of _series_terms).
+_OMEGA_SERIES_MAX = 1.0
 
 
-def _omega_over_x2(x: jax.Array, n_terms: int | None = None) -> jax.Array:
-    """ω(x)/x² = Σ_{j≥0} (−x)^j/(j+2)! by Horner; by default enough terms for |x| < 0.25 in
-    x's dtype (``n_terms`` overrides: 10 terms reach float32 accuracy for |x| < 1)."""
-    if n_terms is None:
-        n_terms = 7 if jnp.finfo(x.dtype).bits <= 32 else 13
+def _series_terms(dtype, bound: float) -> int:
+    """Terms of the series of ω(x)/x² that reach ``dtype``'s precision for |x| < ``bound``."""
+    eps = float(jnp.finfo(dtype).eps)
+    n = 1
+    # The truncation error after n terms, relative to the sum (≥ 1/2·e^{-|x|}), is below
+    # 2·bound^n/(n + 2)!·e^{bound}.
+    while 2 * bound**n / math.factorial(n + 2) * math.exp(bound) > eps / 16:
+        n += 1
+    return n
+
+
+def _omega_over_x2(x: jax.Array, bound: float) -> jax.Array:
+    """ω(x)/x² = Σ_{j≥0} (−x)^j/(j+2)! by Horner, with enough terms for |x| < ``bound`` in x's
+    dtype. The one series of ω: :func:`kl_terms` and :func:`omega` both use it."""
+    n_terms = _series_terms(x.dtype, bound)
     coefs = [(-1.0) ** j / math.factorial(j + 2) for j in range(n_terms)]
     acc = jnp.full_like(x, coefs[-1])
     for c in reversed(coefs[:-1]):
@@ -33,14 +47,66 @@ def _omega_over_x2(x: jax.Array, n_terms: int | None = None) -> jax.Array:
     return acc
 
 
+def saturate(g: jax.Array, *, nan_to_zero: bool = True) -> jax.Array:
+    """Derivatives that are never ±inf: ±inf → ±finfo.max; NaN → 0 unless ``nan_to_zero=False``.
+
+    Used where a value is +inf (support mismatch, overflow): its partial derivatives are infinite
+    or undefined there (inf − inf), and a masked-out example must not turn them into 0·inf = NaN
+    downstream. ``nan_to_zero=False`` keeps NaN where NaN comes from NaN input (propagation).
+    """
+    big = jnp.finfo(g.dtype).max
+    g = jnp.clip(g, -big, big)
+    return jnp.where(jnp.isnan(g), jnp.zeros_like(g), g) if nan_to_zero else g
+
+
+@jax.custom_jvp
+def omega(x: jax.Array) -> jax.Array:
+    """ω(x) = x + expm1(−x) = e^{−x} − 1 + x ≥ 0, relatively accurate for every x.
+
+    The one implementation of ω (and of e^r − 1 − r = ω(−r), :func:`exp_excess`). For |x| < 1 the
+    Taylor series Σ_{k≥2} (−x)^k/k! (Horner, :func:`_omega_over_x2`, as many terms as the dtype
+    needs); elsewhere (e^{−x} − 1) + x, which is within a few ulps there since ω(x) ≥ 0.36 for
+    |x| ≥ 1 and needs only ``exp``. ω(±inf) = +inf; ω(x) = +inf where e^{−x} overflows (the
+    correctly rounded value); NaN propagates. The derivative 1 − e^{−x} = −expm1(−x) is a closed
+    form that saturates at −finfo.max instead of reaching −inf.
+    """
+    small = jnp.abs(x) < _OMEGA_SERIES_MAX  # NaN compares False and propagates through `direct`
+    xs = jnp.where(small, x, jnp.zeros_like(x))
+    series = xs * xs * _omega_over_x2(xs, _OMEGA_SERIES_MAX)
+    xd = jnp.where(x == -jnp.inf, jnp.zeros_like(x), x)
+    direct = jnp.where(x == -jnp.inf, jnp.inf, (jnp.exp(-xd) - 1) + xd)
+    return jnp.where(small, series, direct)
+
+
+@omega.defjvp
+def _omega_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return omega(x), saturate(-jnp.expm1(-x), nan_to_zero=False) * dx
+
+
+@jax.custom_jvp
+def exp_excess(r: jax.Array) -> jax.Array:
+    """e^r − 1 − r = ω(−r) ≥ 0 (:func:`omega`): exact 0 at r = 0, relatively accurate for every
+    r; r = −∞ and r = +∞ give +∞. Its derivative is the closed form expm1(r)."""
+    return omega(-r)
+
+
+@exp_excess.defjvp
+def _exp_excess_jvp(primals, tangents):
+    (r,), (dr,) = primals, tangents
+    return exp_excess(r), jnp.expm1(r) * dr
+
+
 def kl_terms(p: jax.Array, q: jax.Array, x: jax.Array) -> jax.Array:
     """p·log(p/q) − p + q given x = log(p/q); exact edge semantics, never negative.
 
-    p = 0 gives q (so p = q = 0 gives 0 whatever x holds); p > 0 with q = 0 (x = +inf) gives +inf.
+    p·ω(x) from the series of ω where |x| < ``SERIES_THRESHOLD``, else p·x − p + q (which uses
+    q itself, exact, rather than p·e^{−x}). p = 0 gives q (so p = q = 0 gives 0 whatever x
+    holds); p > 0 with q = 0 (x = +inf) gives +inf.
     """
     small = jnp.abs(x) < SERIES_THRESHOLD  # NaN compares False
     xs = jnp.where(small, x, jnp.zeros_like(x))
-    series = p * (xs * xs) * _omega_over_x2(xs)
+    series = p * (xs * xs) * _omega_over_x2(xs, SERIES_THRESHOLD)
     px = jnp.where(p > 0, p * jnp.where(p > 0, x, jnp.zeros_like(x)), jnp.zeros_like(p))
     direct = px - p + q
     return jnp.maximum(jnp.where(small, series, direct), 0)
@@ -55,16 +121,6 @@ def log_ratio_probs(p: jax.Array, q: jax.Array) -> jax.Array:
     far = jnp.log(p_safe) - jnp.log(q_safe)
     far = jnp.where(p > 0, jnp.where(q > 0, far, jnp.inf), jnp.where(q > 0, -jnp.inf, jnp.nan))
     return jnp.where(close, near, far)
-
-
-def saturate(g: jax.Array) -> jax.Array:
-    """Gradient coefficients that are never NaN: ±inf → ±finfo.max, NaN → 0.
-
-    Used where a divergence is +inf (support mismatch): its partial derivatives are infinite or
-    undefined there, and a masked-out example must not turn them into 0·inf = NaN downstream.
-    """
-    big = jnp.finfo(g.dtype).max
-    return jnp.where(jnp.isnan(g), jnp.zeros_like(g), jnp.clip(g, -big, big))
 
 
 def psum(x: jax.Array, axis_name=None) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import digamma, gammaln, polygamma
+from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._numerics import kl_terms
@@ -21,15 +22,12 @@ from kldiv._numerics import kl_terms
 __all__ = ["kl_bernoulli_from_logits", "kl_dirichlet"]
 
 
-def _prepare(names, xs, min_ndim: int):
-    for name, x in zip(names, xs, strict=True):
-        _checks.check_floating(name, x)
-    xs = [jnp.asarray(x) for x in xs]
-    shape = _checks.broadcast_shapes(names, [x.shape for x in xs])
+def _broadcast_params(names, xs, min_ndim: int):
+    """Parameters checked, cast and broadcast together; an event axis where ``min_ndim`` = 1."""
+    xs, shape = _checks.broadcast_floating(names, xs)
     if len(shape) < min_ndim:
         _checks.check_axis(-1, len(shape))  # raises: scalars have no event axis
-    dtype = _checks.compute_dtype(*xs)
-    return [jnp.broadcast_to(x.astype(dtype), shape) for x in xs]
+    return xs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ def _bernoulli_jvp(primals, tangents):
     return out, ga * da + (q - p) * db
 
 
-def kl_bernoulli_from_logits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+def kl_bernoulli_from_logits(logits_p: ArrayLike, logits_q: ArrayLike) -> jax.Array:
     """KL(Bernoulli(σ(logits_p)) ‖ Bernoulli(σ(logits_q))), elementwise.
 
         KL = p log(p/q) + (1 − p) log((1 − p)/(1 − q)),   p = σ(a), q = σ(b),
@@ -96,7 +94,7 @@ def kl_bernoulli_from_logits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Ar
       Cover & Thomas (2006), "Elements of Information Theory", eq. (2.26) (relative entropy
       of two distributions on {0, 1}).
     """
-    a, b = _prepare(("logits_p", "logits_q"), (logits_p, logits_q), min_ndim=0)
+    a, b = _broadcast_params(("logits_p", "logits_q"), (logits_p, logits_q), min_ndim=0)
     return _bernoulli_jit(a, b)
 
 
@@ -190,7 +188,7 @@ def _dirichlet_jvp(primals, tangents):
     return kl, jnp.sum(grad_a * da + grad_b * db, axis=-1)
 
 
-def kl_dirichlet(concentration_p: jax.Array, concentration_q: jax.Array) -> jax.Array:
+def kl_dirichlet(concentration_p: ArrayLike, concentration_q: ArrayLike) -> jax.Array:
     """KL(Dir(α) ‖ Dir(β)) in closed form, event axis last.
 
         KL = lnΓ(α_0) − Σ_i lnΓ(α_i) − lnΓ(β_0) + Σ_i lnΓ(β_i)
@@ -220,7 +218,9 @@ def kl_dirichlet(concentration_p: jax.Array, concentration_q: jax.Array) -> jax.
       Penny (2001), "KL-divergences of Normal, Gamma, Dirichlet and Wishart densities",
       Wellcome Department of Cognitive Neurology technical report.
     """
-    a, b = _prepare(("concentration_p", "concentration_q"), (concentration_p, concentration_q), 1)
+    a, b = _broadcast_params(
+        ("concentration_p", "concentration_q"), (concentration_p, concentration_q), 1
+    )
     return _dirichlet_jit(a, b)
 
 

@@ -23,61 +23,29 @@ float64 stays float64 (with ``jax_enable_x64``).
 
 from __future__ import annotations
 
-import functools
-import numbers
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._numerics import (
-    kl_logits_grads,
-    kl_terms,
-    log_ratio_probs,
-    logits_stats,
-    logits_terms,
-    psum,
-    saturate,
+from kldiv._logits import (
+    align_pair,
+    kl_logits_aligned,
+    kl_logits_core,
+    prepare_pair,
+    static_temperature,
+    temper_and_mask_pair,
 )
+from kldiv._numerics import kl_terms, log_ratio_probs, saturate
+from kldiv.fused.chunked import kl_logits_chunked
 
-__all__ = ["LOGIT_IMPLS", "kl", "kl_from_log_probs", "kl_from_logits", "prepare_pair"]
+__all__ = ["LOGIT_IMPLS", "choose_logits_impl", "kl", "kl_from_log_probs", "kl_from_logits"]
 
 # Implementations of kl_from_logits, all with the same semantics and tests: "xla" (plain ops,
 # closed-form JVP), "chunked" (row chunks, custom VJP saving only inputs and row statistics),
 # "pallas" (Triton kernel on GPU, Pallas interpret mode elsewhere: slow, for tests); "auto" picks
 # per backend and size (kldiv.fused.choose_logits_impl).
 LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla", "chunked", "pallas")
-
-
-def align_pair(name_p: str, p, name_q: str, q, axis: int, where):
-    """Checks and aligns a pair of event arrays without casting them.
-
-    Returns (p, q, where): floating arrays in their own (storage) dtypes, broadcast to one shape,
-    with the event axis moved last; ``where`` broadcast to that shape (boolean) or None. The
-    compute dtype is ``_checks.compute_dtype(p, q)``.
-    """
-    _checks.check_floating(name_p, p)
-    _checks.check_floating(name_q, q)
-    p, q = jnp.asarray(p), jnp.asarray(q)
-    shape = _checks.broadcast_shapes((name_p, name_q), (p.shape, q.shape))
-    axis = _checks.check_axis(axis, len(shape))
-    where = _checks.check_where(where, shape)
-    p = jnp.moveaxis(jnp.broadcast_to(p, shape), axis, -1)
-    q = jnp.moveaxis(jnp.broadcast_to(q, shape), axis, -1)
-    if where is not None:
-        where = jnp.moveaxis(where, axis, -1)
-    return p, q, where
-
-
-def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
-    """Checks and aligns a pair of event arrays: floating dtypes, broadcast shapes, ``axis``.
-
-    Returns (p, q, where) cast to the compute dtype, broadcast to one shape, with the event axis
-    moved last; ``where`` broadcast to that shape or None. Shared by every discrete divergence.
-    """
-    p, q, where = align_pair(name_p, p, name_q, q, axis, where)
-    dtype = _checks.compute_dtype(p, q)
-    return p.astype(dtype), q.astype(dtype), where
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,28 +94,11 @@ def _kl_log_probs_jvp(primals, tangents):
     return out, jnp.sum(glp * dlp + (q - p) * dlq, axis=-1)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _kl_logits_core(a, b, axis_name=None):
-    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
-    return psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
-
-
-@_kl_logits_core.defjvp
-def _kl_logits_jvp(axis_name, primals, tangents):
-    a, b = primals
-    da, db = tangents
-    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
-    out = psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
-    # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
-    ga, gb = kl_logits_grads(p, q, x, out[..., None])
-    return out, psum(jnp.sum(ga * da + gb * db, axis=-1), axis_name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
 
-def kl(p: jax.Array, q: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+def kl(p: ArrayLike, q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
     """KL(p‖q) from probabilities, along ``axis``.
 
     KL(p‖q) = Σ_v p_v log(p_v / q_v), computed as Σ_v [p_v log(p_v/q_v) − p_v + q_v] (equal for
@@ -182,7 +133,7 @@ def kl(p: jax.Array, q: jax.Array, *, axis: int = -1, where: jax.Array | None = 
 
 
 def kl_from_log_probs(
-    log_p: jax.Array, log_q: jax.Array, *, axis: int = -1, where: jax.Array | None = None
+    log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
     """KL(p‖q) from log-probabilities, along ``axis``.
 
@@ -216,81 +167,13 @@ def kl_from_log_probs(
     return _kl_log_probs_core(lp, lq)
 
 
-def static_temperature(temperature) -> float | None:
-    """A temperature known at trace time (a Python or NumPy real number) as a float, else None.
-
-    Static temperatures are applied by the fused paths per chunk or block; array (traced)
-    temperatures are applied to the whole arrays beforehand, so that their gradient flows.
-    """
-    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        return float(temperature)
-    return None
-
-
-def temper_and_mask(x, dtype, temperature=1.0, where=None):
-    """Logits as every path sees them: ``x`` cast to ``dtype``, divided by T, −inf where masked.
-
-    The one definition of the input semantics of :func:`kl_from_logits`, applied to whole arrays
-    (XLA path), to row chunks (``kldiv.fused.chunked``) and to loaded vocabulary blocks
-    (``kldiv.fused.pallas``), so that all paths agree on every edge. ``temperature``: a Python
-    number (1 skips the division) or an array; ``where``: boolean, broadcastable to ``x``, or
-    None. Masked entries become −inf whatever ``x`` holds there (NaN, ±inf).
-    """
-    x = x.astype(dtype)
-    if not (isinstance(temperature, numbers.Real) and temperature == 1):
-        x = x / jnp.asarray(temperature, dtype)
-    if where is not None:
-        x = jnp.where(where, x, -jnp.inf)
-    return x
-
-
-def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
-    """The per-row cotangent ``g`` as a ``[..., 1]`` column in ``dtype``, times 1/T: the chain
-    rule through :func:`temper_and_mask`'s division by a static temperature, folded into one
-    factor per row by the fused paths."""
-    g = g.astype(dtype)[..., None]
-    return g if temperature == 1 else g / jnp.asarray(temperature, dtype)
-
-
-def masked_logits_cotangent(g, dtype, where=None):
-    """Cotangent of raw logits from the compute-dtype cotangent ``g`` of :func:`temper_and_mask`
-    (with the 1/T factor already in ``g``): exactly 0 at masked entries, cast to ``dtype``."""
-    if where is not None:
-        g = jnp.where(where, g, jnp.zeros_like(g))
-    return g.astype(dtype)
-
-
-def temper_and_mask_pair(a, b, temperature=1.0, where=None):
-    """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype."""
-    dtype = _checks.compute_dtype(a, b)
-    return tuple(temper_and_mask(x, dtype, temperature, where) for x in (a, b))
-
-
-def kl_logits_aligned(a, b, where=None, temperature=1.0):
-    """The XLA path on aligned logits (event axis last, storage dtypes, as from
-    :func:`align_pair`): whole arrays through :func:`temper_and_mask`, then the core."""
-    return _kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), None)
-
-
-def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
-    """Checks, aligns, tempers and masks a pair of logit arrays (event axis last).
-
-    Masked entries become −inf in both, exactly as if the vocabulary excluded them. Returns whole
-    arrays in the compute dtype (the XLA path); the fused paths apply the same
-    :func:`temper_and_mask` per chunk or block instead.
-    """
-    _checks.check_temperature(temperature)
-    a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    return temper_and_mask_pair(a, b, temperature, where)
-
-
 def kl_from_logits(
-    logits_p: jax.Array,
-    logits_q: jax.Array,
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
     *,
     axis: int = -1,
-    where: jax.Array | None = None,
-    temperature: float | jax.Array = 1.0,
+    where: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
@@ -320,7 +203,7 @@ def kl_from_logits(
         statistics (O(N) extra memory). ``"pallas"``: a Triton kernel on GPU; elsewhere Pallas
         interpret mode (slow, for tests). Both are reverse-mode only. ``"auto"`` (default)
         picks ``"pallas"`` on GPU, ``"chunked"`` for large inputs on CPU/TPU, else ``"xla"``
-        (:func:`kldiv.fused.choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
+        (:func:`choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
         The chunked and Pallas paths keep the inputs in their storage dtype (e.g. bfloat16) and
         cast them to the compute dtype, divide by a Python-number temperature and apply
         ``where`` per row chunk / vocabulary block, so they hold no ``[N, V]`` float32 copy of
@@ -348,16 +231,64 @@ def kl_from_logits(
       Kullback & Leibler (1951); Hinton et al. (2015), "Distilling the knowledge in a neural
       network", for temperature.
     """
-    if impl not in LOGIT_IMPLS:
-        raise ValueError(f"kldiv: unknown impl {impl!r}; allowed: " + ", ".join(LOGIT_IMPLS))
+    _checks.check_choice("impl", impl, LOGIT_IMPLS)
     if axis_name is not None and impl not in ("xla", "auto"):
         raise ValueError(
             f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
         )
     _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    if axis_name is not None or impl == "xla":
-        return _kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), axis_name)
-    from kldiv import fused  # deferred: keeps `import kldiv` light and avoids an import cycle
+    if axis_name is not None:
+        return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), axis_name)
+    return _kl_from_aligned_logits(a, b, impl, where=where, temperature=temperature)
 
-    return fused.kl_from_prepared_logits(a, b, impl, where=where, temperature=temperature)
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch over the implementations of kl_from_logits (impl=).
+
+# "auto" uses the chunked path on CPU/TPU from this many logits per input (N·V) on; below it the
+# plain XLA path, which also supports forward-mode differentiation. Measured on a 2-core x86 CPU
+# (bench/suites/fused.py, case "crossover", forward+backward): chunked is ~10% faster at 2^16
+# logits, 1.3-1.9× at 2^18-2^20 and 2-4× from 2^22 on, where the XLA path's [N, V]
+# intermediates leave the cache.
+AUTO_CHUNKED_MIN_ELEMENTS = 2**18
+
+
+def choose_logits_impl(shape: tuple[int, ...], dtype=None, backend: str | None = None) -> str:
+    """The implementation ``impl="auto"`` picks for aligned logits of ``shape``.
+
+    ``"pallas"`` on GPU; ``"chunked"`` on CPU/TPU when N·V ≥ ``AUTO_CHUNKED_MIN_ELEMENTS``;
+    else ``"xla"``. ``backend`` defaults to ``jax.default_backend()``.
+    """
+    del dtype
+    backend = jax.default_backend() if backend is None else backend
+    size = 1
+    for d in shape:
+        size *= int(d)
+    if size == 0:
+        return "xla"
+    if backend in ("gpu", "cuda", "rocm"):
+        return "pallas"
+    return "chunked" if size >= AUTO_CHUNKED_MIN_ELEMENTS else "xla"
+
+
+def _kl_from_aligned_logits(
+    a, b, impl: str, *, where=None, temperature: float | ArrayLike = 1.0
+) -> jax.Array:
+    """KL(softmax(a/T)‖softmax(b/T)) along the last axis of aligned logits (``align_pair``),
+    computed by ``impl``. A Python-number temperature is applied per chunk or block by the fused
+    paths; an array (traced) temperature is applied to the whole inputs here (a full copy in the
+    compute dtype), so that its gradient flows through ordinary autodiff."""
+    if impl == "auto":
+        impl = choose_logits_impl(a.shape, a.dtype)
+    if impl == "xla":
+        return kl_logits_aligned(a, b, where, temperature)
+    t = static_temperature(temperature)
+    if t is None:  # an array temperature: applied here, so that its gradient flows (full copy)
+        a, b = temper_and_mask_pair(a, b, temperature)
+        t = 1.0
+    if impl == "chunked":
+        return kl_logits_chunked(a, b, where=where, temperature=t)
+    from kldiv.fused.pallas import kl_logits_pallas  # optional: Pallas imports only when used
+
+    return kl_logits_pallas(a, b, where=where, temperature=t)

@@ -46,8 +46,8 @@ The exact alternative, with zero variance, is the full-vocabulary KL per positio
 log-probabilities of the sampled tokens.
 
 Numerics. Everything is a function of x = −log r = logp_policy − logp_ref: k1 = x, k2 = ½x² and
-k3 = ω(x) = x + expm1(−x), with ω evaluated from its Taylor series and range doubling for |x| < 1
-(where x + expm1(−x) cancels; see :func:`omega`), so k3 keeps float32 relative accuracy for tiny
+k3 = ω(x) = x + expm1(−x), with ω evaluated from its Taylor series for |x| < 1 (where
+x + expm1(−x) cancels; ``kldiv._numerics.omega``), so k3 keeps float32 relative accuracy for tiny
 log-ratios and is exactly non-negative. k3 overflows to +inf where r = e^{−x} does (log r above
 ≈88.7 in float32, ≈709.8 in float64): +inf is then the correctly rounded value. Derivatives are
 closed forms that saturate at ±finfo(dtype).max instead of overflowing, so gradients are never
@@ -66,9 +66,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._numerics import SERIES_THRESHOLD, _omega_over_x2
+from kldiv._numerics import omega, saturate
 from kldiv.discrete import kl_from_logits
 from kldiv.reductions import Reduction, reduce
 
@@ -82,7 +83,6 @@ __all__ = [
     "kl_penalty",
     "kl_penalty_exact",
     "kl_straight_through",
-    "omega",
 ]
 
 Estimator = Literal["k1", "k2", "k3"]
@@ -93,48 +93,6 @@ ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 # Elementwise cores of x = log(π/π_ref) = −log r, with closed-form, saturating derivatives.
 
 
-# ω uses its series (with range doubling) below this |x|, x + expm1(−x) above.
-_DOUBLED_THRESHOLD = 4 * SERIES_THRESHOLD
-
-
-def _saturate(d: jax.Array) -> jax.Array:
-    """Clips a derivative to ±finfo.max so that it is never ±inf (and 0·d stays 0)."""
-    big = jnp.finfo(d.dtype).max
-    return jnp.clip(d, -big, big)
-
-
-@jax.custom_jvp
-def omega(x: jax.Array) -> jax.Array:
-    """ω(x) = x + expm1(−x) = e^{−x} − 1 + x ≥ 0, accurate everywhere (k3 as a function of x).
-
-    With x = log(p/q) this is the per-sample k3 estimator (q/p − 1) − log(q/p) of KL(p‖q).
-    ``x + expm1(−x)`` cancels for |x| ≲ 1 (to second order as x → 0), so for |x| < 1 the Taylor
-    series Σ_{k≥2} (−x)^k/k! (``kldiv._numerics``) is evaluated at h = x/4 and doubled twice with
-    ω(2h) = 2ω(h) + (ω(h) − h)², an identity whose terms are all non-negative (it follows from
-    e^{−2h} − 1 = 2u + u² with u = expm1(−h) = ω(h) − h); elsewhere ``x + expm1(−x)``, which
-    loses at most ~1.5 bits there. Measured float32 relative error < 3e-7 for |x| in
-    [1e-10, 30] (float64: < 1e-15). ω(±inf) = +inf; ω(x) = +inf where e^{−x} overflows (the
-    correctly rounded value); NaN propagates. The derivative 1 − e^{−x} = −expm1(−x) is a
-    closed form that saturates at −finfo.max instead of reaching −inf.
-    """
-    x = jnp.asarray(x)
-    mid = jnp.abs(x) < _DOUBLED_THRESHOLD  # NaN compares False
-    h = jnp.where(mid, x, jnp.zeros_like(x)) * 0.25  # exact scaling
-    w = h * h * _omega_over_x2(h)
-    for _ in range(2):  # ω(2h) = 2ω(h) + (ω(h) − h)²: a sum of non-negative terms
-        w = 2 * w + (w - h) * (w - h)
-        h = 2 * h
-    xd = jnp.where(mid | (x == -jnp.inf), jnp.ones_like(x), x)
-    direct = jnp.where(x == -jnp.inf, jnp.inf, xd + jnp.expm1(-xd))
-    return jnp.maximum(jnp.where(mid, w, direct), 0)
-
-
-@omega.defjvp
-def _omega_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return omega(x), _saturate(-jnp.expm1(-x)) * dx
-
-
 @jax.custom_jvp
 def _half_square(x: jax.Array) -> jax.Array:
     return 0.5 * (x * x)
@@ -143,7 +101,7 @@ def _half_square(x: jax.Array) -> jax.Array:
 @_half_square.defjvp
 def _half_square_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
-    return _half_square(x), _saturate(x) * dx
+    return _half_square(x), saturate(x, nan_to_zero=False) * dx
 
 
 _CORES = {"k1": lambda x: x, "k2": _half_square, "k3": omega}
@@ -163,44 +121,40 @@ def _difference(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(both, zero, jnp.where(both, zero, a) - jnp.where(both, zero, b))
 
 
-def _prepare(names, logps, where, log_ratio_clip):
+def _log_ratio(names, logps, mask, log_ratio_clip):
     """Checks, casts, broadcasts and masks the per-token log-probabilities.
 
-    Returns (x, logps, where, dtype) with x = logps[0] − logps[1] = log(π/π_ref) clipped to
-    ±``log_ratio_clip``. Masked tokens are set to 0 *before* anything is computed (double-where),
+    Returns (x, logps, mask, dtype) with x = logps[0] − logps[1] = log(π/π_ref) clipped to
+    ±``log_ratio_clip``. Masked tokens are set to 0 *before* anything is computed (double where),
     so whatever they hold touches neither value nor gradient.
     """
-    for name, lp in zip(names, logps, strict=True):
-        _checks.check_floating(name, lp)
-    logps = [jnp.asarray(lp) for lp in logps]
-    shape = _checks.broadcast_shapes(names, [lp.shape for lp in logps])
-    where = _checks.as_keep_mask(where, shape, "where")
-    dtype = _checks.compute_dtype(*logps)
-    logps = [jnp.broadcast_to(lp.astype(dtype), shape) for lp in logps]
-    if where is not None:
-        logps = [jnp.where(where, lp, jnp.zeros_like(lp)) for lp in logps]
+    logps, shape = _checks.broadcast_floating(names, logps)
+    mask = _checks.as_keep_mask(mask, shape, "mask")
+    dtype = logps[0].dtype
+    if mask is not None:
+        logps = [jnp.where(mask, lp, jnp.zeros_like(lp)) for lp in logps]
     x = _difference(logps[0], logps[1])
     _checks.check_positive("log_ratio_clip", log_ratio_clip)
     if log_ratio_clip is not None:
         c = jnp.asarray(log_ratio_clip, dtype)
         x = jnp.clip(x, -c, c)
-    return x, logps, where, dtype
+    return x, logps, mask, dtype
 
 
-def _finish(value, where, max_value, dtype):
+def _finish(value, mask, max_value, dtype):
     _checks.check_positive("max_value", max_value)
     if max_value is not None:
         value = jnp.minimum(value, jnp.asarray(max_value, dtype))
-    if where is not None:
-        value = jnp.where(where, value, jnp.zeros_like(value))
+    if mask is not None:
+        value = jnp.where(mask, value, jnp.zeros_like(value))
     return value
 
 
-def _estimate(estimator, logp_policy, logp_ref, where, log_ratio_clip, max_value):
-    x, _, where, dtype = _prepare(
-        ("logp_policy", "logp_ref"), (logp_policy, logp_ref), where, log_ratio_clip
+def _estimate(estimator, logp_policy, logp_ref, mask, log_ratio_clip, max_value):
+    x, _, mask, dtype = _log_ratio(
+        ("logp_policy", "logp_ref"), (logp_policy, logp_ref), mask, log_ratio_clip
     )
-    return _finish(_CORES[estimator](x), where, max_value, dtype)
+    return _finish(_CORES[estimator](x), mask, max_value, dtype)
 
 
 _ARGS_DOC = """
@@ -209,7 +163,7 @@ _ARGS_DOC = """
         ``[batch, tokens]``), any floating dtype; −inf allowed.
       logp_ref: log π_ref(a) of the same tokens under the reference, broadcastable against
         ``logp_policy``.
-      where: optional keep-mask (boolean, or numeric with nonzero = kept) broadcastable to the
+      mask: optional keep-mask (boolean, or numeric with nonzero = kept) broadcastable to the
         inputs. Masked tokens give 0, and whatever they hold (NaN, ±inf) touches neither value
         nor gradient.
       log_ratio_clip: optional c > 0: log r is clipped to [−c, c] before the estimator is
@@ -223,7 +177,7 @@ _ARGS_DOC = """
       the input dtype. Tokens whose two log-probabilities are both −inf give 0.
 
     Raises:
-      TypeError: non-floating inputs; a non-numeric ``where``.
+      TypeError: non-floating inputs; a non-numeric ``mask``.
       ValueError: shapes that do not broadcast; a clip or maximum that is not > 0.
 
     References:
@@ -239,12 +193,12 @@ def _with_args_doc(f):
 
 @_with_args_doc
 def kl_k1(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
     *,
-    where: jax.Array | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
 ) -> jax.Array:
     """Per-token k1 = −log r = log π_θ(a) − log π_ref(a), an unbiased estimate of KL(π_θ‖π_ref).
 
@@ -253,17 +207,17 @@ def kl_k1(
     the KL (see the module docstring). A −inf reference log-probability gives +inf; a −inf policy
     log-probability (a token the policy cannot sample) gives −inf.
     """
-    return _estimate("k1", logp_policy, logp_ref, where, log_ratio_clip, max_value)
+    return _estimate("k1", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
 
 @_with_args_doc
 def kl_k2(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
     *,
-    where: jax.Array | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
 ) -> jax.Array:
     """Per-token k2 = ½(log r)², a biased, low-variance, non-negative estimate of KL(π_θ‖π_ref).
 
@@ -274,17 +228,17 @@ def kl_k2(
     directly. It overflows to +inf only for |log r| > √(2·finfo.max) or an infinite log r; the
     derivative saturates at ±finfo.max.
     """
-    return _estimate("k2", logp_policy, logp_ref, where, log_ratio_clip, max_value)
+    return _estimate("k2", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
 
 @_with_args_doc
 def kl_k3(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
     *,
-    where: jax.Array | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
 ) -> jax.Array:
     """Per-token k3 = (r − 1) − log r = expm1(log r) − log r, unbiased for KL(π_θ‖π_ref), ≥ 0.
 
@@ -295,25 +249,25 @@ def kl_k3(
     :func:`kl_straight_through` (value k3, gradient k2), or :func:`kl_k3_importance_weighted`
     with its differentiable weight.
 
-    Computed as ω(−log r) with ω(x) = x + expm1(−x) (a series with range doubling for
-    |log r| < 1; see :func:`omega`), so it is exactly non-negative and float32-accurate for tiny
+    Computed as ω(−log r) with ω(x) = x + expm1(−x) (its Taylor series for |log r| < 1;
+    ``kldiv._numerics.omega``), so it is exactly non-negative and float32-accurate for tiny
     log-ratios. Where r overflows (log r above ≈88.7 in float32, ≈709.8 in float64) the value is
     +inf — the correctly rounded value of e^{log r} − 1 − log r — and the gradient saturates at
     ∓finfo.max (finite, not NaN); pass ``log_ratio_clip`` and/or ``max_value`` for finite
     penalties.
     """
-    return _estimate("k3", logp_policy, logp_ref, where, log_ratio_clip, max_value)
+    return _estimate("k3", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
 
 def kl_straight_through(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
     *,
     value: Estimator,
     grad: Estimator,
-    where: jax.Array | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
 ) -> jax.Array:
     """Per-token estimator whose value is ``value``'s and whose gradient is ``grad``'s.
 
@@ -339,7 +293,7 @@ def kl_straight_through(
     Bengio et al. (2013).
 
     Args:
-      logp_policy, logp_ref, where, log_ratio_clip, max_value: as in :func:`kl_k3`.
+      logp_policy, logp_ref, mask, log_ratio_clip, max_value: as in :func:`kl_k3`.
       value: the estimator giving the value, one of ``ESTIMATORS`` (no default).
       grad: the estimator giving the gradient, one of ``ESTIMATORS`` (no default).
 
@@ -355,26 +309,26 @@ def kl_straight_through(
     """
     _check_estimator("value", value)
     _check_estimator("grad", grad)
-    x, _, where, dtype = _prepare(
-        ("logp_policy", "logp_ref"), (logp_policy, logp_ref), where, log_ratio_clip
+    x, _, mask, dtype = _log_ratio(
+        ("logp_policy", "logp_ref"), (logp_policy, logp_ref), mask, log_ratio_clip
     )
     a = jax.lax.stop_gradient(_CORES[value](x))
     b = _CORES[grad](x)
     b_const = jax.lax.stop_gradient(b)
     delta = jnp.where(jnp.isfinite(b_const), b - b_const, jnp.zeros_like(b))
-    return _finish(a + delta, where, max_value, dtype)
+    return _finish(a + delta, mask, max_value, dtype)
 
 
 def kl_k3_importance_weighted(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
-    logp_old: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
+    logp_old: ArrayLike,
     *,
-    where: jax.Array | None = None,
-    weight_clip: float | jax.Array | None = None,
-    max_weight: float | jax.Array | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    weight_clip: float | ArrayLike | None = None,
+    max_weight: float | ArrayLike | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
 ) -> jax.Array:
     """Per-token w·k3 for tokens sampled from an older policy π_old; estimates KL(π_θ‖π_ref).
 
@@ -398,7 +352,7 @@ def kl_k3_importance_weighted(
       logp_policy: log π_θ(a) under the current (differentiated) policy.
       logp_ref: log π_ref(a) under the reference.
       logp_old: log π_old(a) under the policy that sampled the tokens; all three broadcast.
-      where: optional keep-mask, as in :func:`kl_k3` (masked tokens give 0 and no gradient).
+      mask: optional keep-mask, as in :func:`kl_k3` (masked tokens give 0 and no gradient).
       weight_clip: optional ε > 0: w is clipped to [1 − ε, 1 + ε] (PPO's clip range).
       max_weight: optional m > 0: w is clipped to ≤ m (truncated importance sampling).
       log_ratio_clip, max_value: clip log r = logp_ref − logp_policy and the k3 value, as in
@@ -411,7 +365,7 @@ def kl_k3_importance_weighted(
       and logp_old both −inf get w = 1.
 
     Raises:
-      TypeError, ValueError: as :func:`kl_k3`, naming ``logp_old`` where it is at fault.
+      TypeError, ValueError: as :func:`kl_k3`, naming ``logp_old`` mask it is at fault.
 
     References:
       J. Schulman et al. (2017), "Proximal Policy Optimization Algorithms", arXiv:1707.06347;
@@ -419,10 +373,10 @@ def kl_k3_importance_weighted(
     """
     _checks.check_positive("weight_clip", weight_clip)
     _checks.check_positive("max_weight", max_weight)
-    x, (lp, _, lo), where, dtype = _prepare(
+    x, (lp, _, lo), mask, dtype = _log_ratio(
         ("logp_policy", "logp_ref", "logp_old"),
         (logp_policy, logp_ref, logp_old),
-        where,
+        mask,
         log_ratio_clip,
     )
     k3 = _finish(omega(x), None, max_value, dtype)
@@ -432,22 +386,22 @@ def kl_k3_importance_weighted(
         log_w = jnp.clip(log_w, jnp.log(jnp.maximum(1 - eps, 0)), jnp.log1p(eps))
     if max_weight is not None:
         log_w = jnp.minimum(log_w, jnp.log(jnp.asarray(max_weight, dtype)))
-    return _finish(jnp.exp(log_w) * k3, where, None, dtype)
+    return _finish(jnp.exp(log_w) * k3, mask, None, dtype)
 
 
 def kl_penalty(
-    logp_policy: jax.Array,
-    logp_ref: jax.Array,
+    logp_policy: ArrayLike,
+    logp_ref: ArrayLike,
     *,
     estimator: Estimator,
     reduction: Reduction,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     grad_estimator: Estimator | None = None,
-    log_ratio_clip: float | jax.Array | None = None,
-    max_value: float | jax.Array | None = None,
+    log_ratio_clip: float | ArrayLike | None = None,
+    max_value: float | ArrayLike | None = None,
     axis_name: str | tuple[str, ...] | None = None,
-    count: jax.Array | float | None = None,
-    batch_size: jax.Array | int | None = None,
+    count: ArrayLike | float | None = None,
+    batch_size: ArrayLike | int | None = None,
 ) -> jax.Array:
     """A sampled-token KL(π_θ‖π_ref) penalty, masked and explicitly reduced.
 
@@ -488,7 +442,7 @@ def kl_penalty(
             logp_ref,
             value=estimator,
             grad=grad_estimator,
-            where=mask,
+            mask=mask,
             log_ratio_clip=log_ratio_clip,
             max_value=max_value,
         )
@@ -498,13 +452,13 @@ def kl_penalty(
 
 
 def kl_penalty_exact(
-    policy_logits: jax.Array,
-    ref_logits: jax.Array,
+    policy_logits: ArrayLike,
+    ref_logits: ArrayLike,
     *,
     axis: int = -1,
-    mask: jax.Array | None = None,
-    where: jax.Array | None = None,
-    temperature: float | jax.Array = 1.0,
+    mask: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
     impl: str = "auto",
 ) -> jax.Array:
     """Exact per-position KL(π_θ‖π_ref) over the full vocabulary: the zero-variance penalty.
@@ -543,9 +497,11 @@ def kl_penalty_exact(
             ("policy_logits", "ref_logits"), (jnp.shape(policy_logits), jnp.shape(ref_logits))
         )
         ax = _checks.check_axis(axis, len(shape))
-        mask = _checks.check_where(mask, shape[:ax] + shape[ax + 1 :], "mask")
-        mask = jnp.broadcast_to(jnp.expand_dims(mask, ax), shape)
-        where = mask if where is None else mask & _checks.check_where(where, shape)
+        keep = _checks.check_mask(mask, shape[:ax] + shape[ax + 1 :], "mask")
+        assert keep is not None
+        keep = jnp.broadcast_to(jnp.expand_dims(keep, ax), shape)
+        vocab = _checks.check_mask(where, shape)
+        where = keep if vocab is None else keep & vocab
     return kl_from_logits(
         policy_logits, ref_logits, axis=axis, where=where, temperature=temperature, impl=impl
     )

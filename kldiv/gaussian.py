@@ -58,10 +58,9 @@ from jax.scipy.linalg import solve_triangular
 from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._numerics import SERIES_THRESHOLD, _omega_over_x2, log_ratio_probs
+from kldiv._numerics import exp_excess, log_ratio_probs
 
 __all__ = [
-    "exp_excess",
     "kl_diag",
     "kl_diag_log_scale",
     "kl_diag_scale",
@@ -79,38 +78,6 @@ _UNROLL_MAX = 16  # Householder QR: unroll the column loop up to this rank
 # Elementwise numerics.
 
 
-@jax.custom_jvp
-def exp_excess(r: jax.Array) -> jax.Array:
-    """e^r − 1 − r ≥ 0, exact 0 at r = 0 and relatively accurate for every r.
-
-    It is ω(−r) with ω(x) = x + expm1(−x) (``kldiv._numerics``), from a Taylor series near 0 and
-    directly elsewhere: in float64 the series for |r| < ``SERIES_THRESHOLD`` and ``expm1(r) − r``
-    beyond; in float32 (and narrower) a 10-term series for |r| < 1 and ``(e^r − 1) − r`` beyond,
-    which is as accurate there (≤ 7 ulps: e^r − 1 − r ≥ 0.37 for |r| ≥ 1) and needs only the
-    cheap ``exp`` — this term is the whole cost of the VAE's standard-normal KL. r = −∞ gives +∞
-    (a zero variance), r = +∞ gives +∞. The derivative is the closed form expm1(r), accurate
-    near 0.
-    """
-    if jnp.finfo(r.dtype).bits > 32:
-        threshold, n_terms = SERIES_THRESHOLD, None
-    else:
-        threshold, n_terms = 1.0, 10
-    small = jnp.abs(r) < threshold  # NaN compares False and propagates through `direct`
-    rs = jnp.where(small, r, jnp.zeros_like(r))
-    series = rs * rs * _omega_over_x2(-rs, n_terms)
-    # Both branches are ≥ 0 without clamping: the series is positive for |r| < 1, and the direct
-    # form is ≥ 0.028 (float64, |r| ≥ 0.25) or ≥ 0.37 (float32, |r| ≥ 1) ≫ its rounding error.
-    direct = jnp.expm1(r) - r if n_terms is None else (jnp.exp(r) - 1) - r
-    direct = jnp.where(r == jnp.inf, jnp.inf, direct)
-    return jnp.where(small, series, direct)
-
-
-@exp_excess.defjvp
-def _exp_excess_jvp(primals, tangents):
-    (r,), (dr,) = primals, tangents
-    return exp_excess(r), jnp.expm1(r) * dr
-
-
 def _diag_terms(r: jax.Array, z: jax.Array) -> jax.Array:
     """Twice the per-dimension KL: (e^r − 1 − r) + z², r = log(σ²_p/σ²_q), z = (μ_p − μ_q)/σ_q."""
     return exp_excess(r) + z * z
@@ -122,7 +89,7 @@ def _diag_terms(r: jax.Array, z: jax.Array) -> jax.Array:
 _VECTOR, _MATRIX, _FACTOR = "[..., D]", "[..., D, D]", "[..., D, K]"
 
 
-def _prepare(*specs: tuple[str, ArrayLike, str]) -> tuple[list[jax.Array], tuple[int, ...]]:
+def _check_gaussian(*specs: tuple[str, ArrayLike, str]) -> tuple[list[jax.Array], tuple[int, ...]]:
     """Checks (name, array, layout) triples describing one D-dimensional Gaussian pair.
 
     Every array must be floating (TypeError), have the event axes its layout names, square
@@ -294,7 +261,7 @@ def kl_standard_normal(mean: ArrayLike, log_var: ArrayLike, *, per_dim: bool = F
     Raises:
       TypeError: non-floating inputs. ValueError: mismatched event sizes or batch axes.
     """
-    (mean, log_var), batch = _prepare(("mean", mean, _VECTOR), ("log_var", log_var, _VECTOR))
+    (mean, log_var), batch = _check_gaussian(("mean", mean, _VECTOR), ("log_var", log_var, _VECTOR))
     return _finish(_diag_terms(log_var, mean), batch, per_dim)
 
 
@@ -307,7 +274,7 @@ def kl_standard_normal_scale(
     as Σ_i ½[μ_i² + ω(−2 log σ_i)] (exact 0 at μ = 0, σ = 1; never negative). σ = 0 gives +inf.
     Shapes, dtypes and ``per_dim`` as :func:`kl_standard_normal`. ∂/∂σ = σ − 1/σ.
     """
-    (mean, scale), batch = _prepare(("mean", mean, _VECTOR), ("scale", scale, _VECTOR))
+    (mean, scale), batch = _check_gaussian(("mean", mean, _VECTOR), ("scale", scale, _VECTOR))
     return _finish(_diag_terms(2 * jnp.log(scale), mean), batch, per_dim)
 
 
@@ -320,7 +287,9 @@ def kl_standard_normal_log_scale(
     axis; identical to :func:`kl_standard_normal` with log_var = 2·log_scale. Shapes, dtypes and
     ``per_dim`` as there; finite for log_scale in [−30, 30] in float32.
     """
-    (mean, log_scale), batch = _prepare(("mean", mean, _VECTOR), ("log_scale", log_scale, _VECTOR))
+    (mean, log_scale), batch = _check_gaussian(
+        ("mean", mean, _VECTOR), ("log_scale", log_scale, _VECTOR)
+    )
     return _finish(_diag_terms(2 * log_scale, mean), batch, per_dim)
 
 
@@ -360,7 +329,7 @@ def kl_diag(
     Raises:
       TypeError: non-floating inputs. ValueError: mismatched event sizes or batch axes.
     """
-    (mp, lvp, mq, lvq), batch = _prepare(
+    (mp, lvp, mq, lvq), batch = _check_gaussian(
         ("mean_p", mean_p, _VECTOR),
         ("log_var_p", log_var_p, _VECTOR),
         ("mean_q", mean_q, _VECTOR),
@@ -386,7 +355,7 @@ def kl_diag_scale(
     scales keep their tiny KL. Summed over the last (latent) axis, never averaged. σ_p = 0 or
     σ_q = 0 gives +inf. Shapes, dtypes, broadcasting and ``per_dim`` as :func:`kl_diag`.
     """
-    (mp, sp, mq, sq), batch = _prepare(
+    (mp, sp, mq, sq), batch = _check_gaussian(
         ("mean_p", mean_p, _VECTOR),
         ("scale_p", scale_p, _VECTOR),
         ("mean_q", mean_q, _VECTOR),
@@ -413,7 +382,7 @@ def kl_diag_log_scale(
     identical to :func:`kl_diag` with log-variances 2s. Summed over the last (latent) axis, never
     averaged. Shapes, dtypes, broadcasting and ``per_dim`` as :func:`kl_diag`.
     """
-    (mp, lsp, mq, lsq), batch = _prepare(
+    (mp, lsp, mq, lsq), batch = _check_gaussian(
         ("mean_p", mean_p, _VECTOR),
         ("log_scale_p", log_scale_p, _VECTOR),
         ("mean_q", mean_q, _VECTOR),
@@ -479,7 +448,7 @@ def kl_full(
       Kullback & Leibler (1951); the Frobenius-norm form of the trace as in TensorFlow
       Probability's ``MultivariateNormalLinearOperator`` KL.
     """
-    (mp, lp, mq, lq), batch = _prepare(
+    (mp, lp, mq, lq), batch = _check_gaussian(
         ("mean_p", mean_p, _VECTOR),
         ("scale_tril_p", scale_tril_p, _MATRIX),
         ("mean_q", mean_q, _VECTOR),
@@ -635,7 +604,7 @@ def kl_lowrank(
     specs += [("mean_q", mean_q, _VECTOR), ("cov_diag_q", cov_diag_q, _VECTOR)]
     if cov_factor_q is not None:
         specs.append(("cov_factor_q", cov_factor_q, _FACTOR))
-    arrays, batch = _prepare(*specs)
+    arrays, batch = _check_gaussian(*specs)
     it = iter(arrays)
     mp, dp = next(it), next(it)
     up = next(it) if cov_factor_p is not None else None
@@ -649,11 +618,12 @@ def kl_lowrank(
     z = (mp - mq) * w
     total = jnp.sum(exp_excess(r) + z * z, axis=-1)
     up_white = None if up is None else up * w[..., None]
-    if up is not None:
+    if up is not None and up_white is not None:
         log_det_p, _ = _capacitance(up * jax.lax.rsqrt(dp)[..., None], want_q=False)
         total = total + _sq_norm(up_white) - log_det_p
     if uq is not None:
         log_det_q, q1 = _capacitance(uq * w[..., None], want_q=True)
+        assert q1 is not None
         a = jnp.exp(r)  # d_p / d_q
         proj_z = jnp.einsum("...dk,...d->...k", q1, z, precision=_HIGHEST)
         total = total + log_det_q - jnp.sum(a[..., None] * q1 * q1, axis=(-2, -1))
@@ -665,9 +635,12 @@ def kl_lowrank(
     kl = 0.5 * jnp.maximum(total, 0)
 
     same = _all_equal(mp, mq, 1) & _all_equal(dp, dq, 1)
-    if (up is None) != (uq is None) or (up is not None and up.shape[-1] != uq.shape[-1]):
+    if up is None or uq is None:
+        if (up is None) != (uq is None):
+            same = jnp.zeros_like(same)
+    elif up.shape[-1] != uq.shape[-1]:
         same = jnp.zeros_like(same)
-    elif up is not None:
+    else:
         same = same & _all_equal(up, uq, 2)
     kl = jnp.where(same, jnp.zeros_like(kl), kl)
     return jnp.broadcast_to(kl, batch)

@@ -30,12 +30,15 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from kldiv import _checks
+from kldiv._checks import DIRECTIONS
 from kldiv._numerics import kl_terms
 from kldiv.discrete import kl_from_logits
 from kldiv.estimators import kl_penalty, kl_penalty_exact
-from kldiv.reductions import reduce
+from kldiv.family import js_from_logits
+from kldiv.reductions import Reduction, reduce
 from kldiv.vae import vae_kl
 
 __all__ = [
@@ -46,8 +49,6 @@ __all__ = [
     "kl_penalty_exact",
     "vae_kl",
 ]
-
-DIRECTIONS = ("forward", "reverse", "jsd")
 
 
 def _event_last(x: jax.Array, axis: int | Sequence[int] | None) -> jax.Array:
@@ -70,11 +71,11 @@ def _optax_style(log_p, p, log_q, where, axis):
     log_p = jnp.broadcast_to(log_p.astype(dtype), shape)
     p = jnp.broadcast_to(p.astype(dtype), shape)
     log_q = jnp.broadcast_to(log_q.astype(dtype), shape)
-    if where is not None:
-        where = _checks.check_where(where, shape)
-        p = jnp.where(where, p, 0)
-        log_p = jnp.where(where, log_p, -jnp.inf)
-        log_q = jnp.where(where, log_q, -jnp.inf)
+    keep = _checks.check_mask(where, shape)
+    if keep is not None:
+        p = jnp.where(keep, p, 0)
+        log_p = jnp.where(keep, log_p, -jnp.inf)
+        log_q = jnp.where(keep, log_q, -jnp.inf)
     both = (log_p == -jnp.inf) & (log_q == -jnp.inf)
     x = jnp.where(both, 0, log_p - log_q)
     q = jnp.exp(log_q)
@@ -83,10 +84,10 @@ def _optax_style(log_p, p, log_q, where, axis):
 
 
 def kl_divergence(
-    log_predictions: jax.Array,
-    targets: jax.Array,
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
-    where: jax.Array | None = None,
+    where: ArrayLike | None = None,
 ) -> jax.Array:
     """Drop-in for ``optax.losses.kl_divergence``: Σ targets·(log targets − log_predictions).
 
@@ -113,10 +114,10 @@ def kl_divergence(
 
 
 def kl_divergence_with_log_targets(
-    log_predictions: jax.Array,
-    log_targets: jax.Array,
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
-    where: jax.Array | None = None,
+    where: ArrayLike | None = None,
 ) -> jax.Array:
     """Drop-in for ``optax.losses.kl_divergence_with_log_targets``.
 
@@ -133,16 +134,16 @@ def kl_divergence_with_log_targets(
 
 
 def distillation_loss(
-    teacher_logits: jax.Array,
-    student_logits: jax.Array,
+    teacher_logits: ArrayLike,
+    student_logits: ArrayLike,
     *,
-    reduction: str,
-    mask: jax.Array | None = None,
-    temperature: float | jax.Array = 1.0,
+    reduction: Reduction,
+    mask: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
     scale_by_temperature_squared: bool = False,
     direction: str = "forward",
     beta: float = 0.5,
-    where: jax.Array | None = None,
+    where: ArrayLike | None = None,
     stop_teacher_gradient: bool = True,
     impl: str = "auto",
 ) -> jax.Array:
@@ -177,10 +178,7 @@ def distillation_loss(
     Returns:
       The reduced loss (or per-token values for ``"none"``), float32 for 16-bit inputs.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(
-            f"kldiv: unknown direction {direction!r}; allowed: 'forward', 'reverse', 'jsd'."
-        )
+    _checks.check_choice("direction", direction, DIRECTIONS)
     if stop_teacher_gradient:
         teacher_logits = jax.lax.stop_gradient(teacher_logits)
     if direction == "forward":
@@ -192,8 +190,6 @@ def distillation_loss(
             student_logits, teacher_logits, where=where, temperature=temperature, impl=impl
         )
     else:
-        from kldiv.family import js_from_logits
-
         values = js_from_logits(
             teacher_logits, student_logits, beta=beta, where=where, temperature=temperature
         )

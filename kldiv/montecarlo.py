@@ -13,7 +13,7 @@ Two per-sample estimators, both unbiased:
   E_p[q/p] < 1 and it underestimates), and it can be *worse* than k1 when q has much heavier
   tails than p: its variance contains E_p[(q/p)²], which can be large or infinite.
 
-The computation is ω(log p − log q) with ω(x) = x + expm1(−x) (:func:`kldiv.estimators.omega`),
+The computation is ω(log p − log q) with ω(x) = x + expm1(−x) (``kldiv._numerics.omega``),
 accurate for tiny log-ratios and never negative.
 
 References:
@@ -31,9 +31,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv.estimators import omega
+from kldiv._numerics import omega
 
 __all__ = ["MCKLEstimate", "mc_kl"]
 
@@ -94,10 +95,10 @@ def _combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 def mc_kl(
-    key: jax.Array,
-    sample_fn: Callable[[jax.Array, int], Any],
-    log_p_fn: Callable[[Any], jax.Array],
-    log_q_fn: Callable[[Any], jax.Array],
+    key: ArrayLike,
+    sample_fn: Callable[[ArrayLike, int], Any],
+    log_p_fn: Callable[[Any], ArrayLike],
+    log_q_fn: Callable[[Any], ArrayLike],
     num_samples: int,
     *,
     control_variate: bool = False,

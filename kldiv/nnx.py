@@ -51,8 +51,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv.gaussian import kl_standard_normal
@@ -143,14 +143,14 @@ class GaussianHead(nnx.Module):
 
 
 def negative_elbo(
-    log_likelihood: jax.Array,
-    mean: jax.Array,
-    log_var: jax.Array,
+    log_likelihood: ArrayLike,
+    mean: ArrayLike,
+    log_var: ArrayLike,
     *,
     reduction: Reduction,
-    dataset_size: int | jax.Array | None = None,
-    beta: float | jax.Array = 1.0,
-    mask: jax.Array | None = None,
+    dataset_size: int | ArrayLike | None = None,
+    beta: float | ArrayLike = 1.0,
+    mask: ArrayLike | None = None,
 ) -> jax.Array:
     """−ELBO = reduce(−log p(x|z) + β·KL(N(μ, diag e^{log_var}) ‖ N(0, I)), reduction).
 
@@ -187,16 +187,13 @@ def negative_elbo(
     _checks.check_floating("log_likelihood", log_likelihood)
     log_likelihood = jnp.asarray(log_likelihood)
     kl = kl_standard_normal(mean, log_var)
-    try:
-        shape = tuple(np.broadcast_shapes(log_likelihood.shape, kl.shape))
-    except ValueError:
-        shape = None
-    if shape != kl.shape:
-        raise ValueError(
-            f"kldiv: `log_likelihood` must hold one value per example, shape {kl.shape} (the batch "
-            f"axes of `mean` {jnp.shape(mean)}); got shape {log_likelihood.shape}. Sum it over the "
-            "data dimensions first, e.g. `.sum(-1)`."
-        )
+    _checks.check_broadcasts_to(
+        "log_likelihood",
+        log_likelihood.shape,
+        kl.shape,
+        f"one value per example, shape {kl.shape} (the batch axes of `mean` {jnp.shape(mean)}): "
+        "sum it over the data dimensions first, e.g. `.sum(-1)`",
+    )
     dtype = _checks.compute_dtype(kl, log_likelihood)
     values = beta * kl.astype(dtype) - log_likelihood.astype(dtype)
     return reduce(values, reduction, mask=mask, dataset_size=dataset_size)

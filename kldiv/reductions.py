@@ -25,47 +25,16 @@ the loss of the whole step; see :func:`count_kept`.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kldiv import _checks
-
-Reduction = Literal["none", "sum", "mean", "batchmean", "dataset"]
-REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "batchmean", "dataset")
+from kldiv._checks import REDUCTIONS, Reduction
+from kldiv._numerics import psum
 
 __all__ = ["REDUCTIONS", "Reduction", "count_kept", "reduce"]
-
-
-def _check_reduction(reduction) -> None:
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(
-            f"kldiv: unknown reduction {reduction!r}; allowed: " + ", ".join(map(repr, REDUCTIONS))
-        )
-
-
-def _mask(mask, shape: tuple[int, ...]) -> jax.Array | None:
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    try:
-        out = tuple(np.broadcast_shapes(mask.shape, shape))
-    except ValueError:
-        out = None
-    if out != tuple(shape):
-        raise ValueError(
-            f"kldiv: `mask` of shape {mask.shape} does not broadcast to the values' shape "
-            f"{tuple(shape)}."
-        )
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)):
-        raise TypeError(f"kldiv: `mask` must be boolean or numeric; got dtype {mask.dtype}.")
-    return jnp.broadcast_to(mask, shape)
-
-
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def count_kept(mask, *, shape: tuple[int, ...] | None = None, axis_name=None) -> jax.Array:
@@ -83,20 +52,20 @@ def count_kept(mask, *, shape: tuple[int, ...] | None = None, axis_name=None) ->
     if mask is None:
         if shape is None:
             raise ValueError("kldiv: count_kept needs `mask` or `shape`.")
-        return _psum(jnp.asarray(float(np.prod(shape)), jnp.float32), axis_name)
+        return psum(jnp.asarray(float(np.prod(shape)), jnp.float32), axis_name)
     mask = jnp.asarray(mask)
-    return _psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
+    return psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
 
 
 def reduce(
-    values: jax.Array,
+    values: ArrayLike,
     reduction: Reduction,
     *,
-    mask: jax.Array | None = None,
-    dataset_size: int | jax.Array | None = None,
+    mask: ArrayLike | None = None,
+    dataset_size: int | ArrayLike | None = None,
     axis_name: str | tuple[str, ...] | None = None,
-    count: jax.Array | float | None = None,
-    batch_size: jax.Array | int | None = None,
+    count: ArrayLike | float | None = None,
+    batch_size: ArrayLike | int | None = None,
 ) -> jax.Array:
     """Aggregates per-example values into a loss, explicitly.
 
@@ -122,7 +91,7 @@ def reduce(
       ValueError: unknown reduction; mask that does not broadcast; missing or misplaced
         ``dataset_size``/``count``/``batch_size``; ``"batchmean"``/``"dataset"`` on a scalar.
     """
-    _check_reduction(reduction)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     values = jnp.asarray(values)
     _checks.check_floating("values", values)
     if dataset_size is not None and reduction != "dataset":
@@ -147,14 +116,14 @@ def reduce(
             "a scalar; pass per-example values or `batch_size`."
         )
 
-    m = _mask(mask, values.shape)
+    m = _checks.check_mask(mask, values.shape, "mask", numeric=True)
     kept = values if m is None else jnp.where(m.astype(bool), values, 0)
     if m is not None and m.dtype != jnp.bool_:
         kept = kept * m.astype(values.dtype)
     if reduction == "none":
         return kept
 
-    total = _psum(jnp.sum(kept), axis_name)
+    total = psum(jnp.sum(kept), axis_name)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -163,7 +132,7 @@ def reduce(
         count = jnp.asarray(count, values.dtype)
         return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), jnp.zeros_like(total))
     if batch_size is None:
-        batch_size = _psum(jnp.asarray(values.shape[0], values.dtype), axis_name)
+        batch_size = psum(jnp.asarray(values.shape[0], values.dtype), axis_name)
     batch_size = jnp.asarray(batch_size, values.dtype)
     if reduction == "batchmean":
         return total / batch_size

@@ -27,10 +27,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
+from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv.discrete import kl_from_log_probs, kl_from_logits
-from kldiv.reductions import reduce
+from kldiv.reductions import Reduction, reduce
 
 __all__ = ["kl_topk_teacher", "validate_topk_ids"]
 
@@ -48,16 +49,17 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     )
 
 
-def validate_topk_ids(teacher_ids: jax.Array, vocab_size: int) -> jax.Array:
+def validate_topk_ids(teacher_ids: ArrayLike, vocab_size: int) -> jax.Array:
     """Runtime check (opt-in, under ``checkify``) that ids are in range and distinct per row.
 
     Records a checkify error if any id is outside [0, vocab_size) or repeats within its row;
     returns ``teacher_ids`` unchanged. Use inside jit as::
 
         f = checkify.checkify(lambda ids, lp, s: kldiv.kl_topk_teacher(
-            kldiv.validate_topk_ids(ids, s.shape[-1]), lp, s))
+            kldiv.validate_topk_ids(ids, s.shape[-1]), lp, s, tail="bucket", reduction="none"))
         err, value = jax.jit(f)(ids, lp, s); err.throw()
     """
+    teacher_ids = jnp.asarray(teacher_ids)
     checkify.check(
         jnp.all((teacher_ids >= 0) & (teacher_ids < vocab_size)),
         f"kldiv: `teacher_ids` has ids outside [0, {vocab_size}).",
@@ -71,15 +73,15 @@ def validate_topk_ids(teacher_ids: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def kl_topk_teacher(
-    teacher_ids: jax.Array,
-    teacher_log_probs: jax.Array,
-    student_logits: jax.Array,
+    teacher_ids: ArrayLike,
+    teacher_log_probs: ArrayLike,
+    student_logits: ArrayLike,
     *,
     tail: str,
-    temperature: float | jax.Array = 1.0,
-    where: jax.Array | None = None,
-    reduction: str | None = None,
-    mask: jax.Array | None = None,
+    reduction: Reduction,
+    temperature: float | ArrayLike = 1.0,
+    where: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
 ) -> jax.Array:
     """KL(teacher ‖ student) with a top-k teacher, per position (or reduced).
 
@@ -93,14 +95,15 @@ def kl_topk_teacher(
       temperature: T > 0 dividing the student logits.
       where: optional boolean ``[..., k]``: False marks padding slots (fewer than k ids at a
         position); they are left out of both distributions.
-      reduction: optional; when given, the per-position values are aggregated with
-        :func:`kldiv.reduce` (``mask`` is its token mask). None returns per-position values.
-      mask: token keep-mask for ``reduction``.
+      reduction: how positions are aggregated, required (``"none"`` returns the per-position
+        values); see :func:`kldiv.reduce`.
+      mask: optional token keep-mask ``[...]`` for the reduction (masked positions give 0).
 
     Returns:
-      ``[...]`` per-position KL (float32 for 16-bit inputs), or the reduced scalar. Gradients flow
-      to ``student_logits`` (dense [..., V]) and ``teacher_log_probs``. With k = V (all ids) and
-      either tail this equals ``kl_from_logits(teacher_logits, student_logits)``.
+      ``[...]`` per-position KL for ``"none"`` (float32 for 16-bit inputs), else the reduced
+      scalar. Gradients flow to ``student_logits`` (dense [..., V]) and ``teacher_log_probs``.
+      With k = V (all ids) and either tail this equals
+      ``kl_from_logits(teacher_logits, student_logits)``.
 
     Raises:
       TypeError: non-integer ids, non-floating log-probs/logits.
@@ -135,13 +138,13 @@ def kl_topk_teacher(
     lp, s = lp.astype(dtype), s.astype(dtype)
     if not (isinstance(temperature, (int, float)) and temperature == 1):
         s = s / jnp.asarray(temperature, dtype)
-    if where is not None:
-        where = _checks.check_where(where, lp.shape)
-        lp = jnp.where(where, lp, -jnp.inf)
+    keep = _checks.check_mask(where, lp.shape)
+    if keep is not None:
+        lp = jnp.where(keep, lp, -jnp.inf)
 
     s_k = jnp.take_along_axis(s, teacher_ids, axis=-1)
-    if where is not None:
-        s_k = jnp.where(where, s_k, -jnp.inf)
+    if keep is not None:
+        s_k = jnp.where(keep, s_k, -jnp.inf)
 
     if tail == "renormalize":
         values = kl_from_logits(lp, s_k, impl="xla")
@@ -167,8 +170,4 @@ def kl_topk_teacher(
             jnp.concatenate([lp, log_p_tail], axis=-1),
             jnp.concatenate([log_q, log_q_tail], axis=-1),
         )
-    if reduction is None:
-        if mask is not None:
-            raise ValueError("kldiv: `mask` applies with `reduction`; pass reduction= as well.")
-        return values
     return reduce(values, reduction, mask=mask)

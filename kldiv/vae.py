@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +127,12 @@ def elbo_kl(
 
 
 def _check_free_bits(free_bits, n_dims: int) -> None:
-    if isinstance(free_bits, numbers.Real) and not free_bits >= 0:
-        raise ValueError(f"kldiv: `free_bits` must be ≥ 0 (nats per dimension); got {free_bits}.")
+    if isinstance(free_bits, numbers.Real):
+        if not float(free_bits) >= 0:
+            raise ValueError(
+                f"kldiv: `free_bits` must be ≥ 0 (nats per dimension); got {free_bits}."
+            )
+        return
     shape = jnp.shape(free_bits)
     if len(shape) > 1 or (len(shape) == 1 and shape[0] not in (1, n_dims)):
         raise ValueError(
@@ -246,7 +251,7 @@ def vae_kl(
     Returns:
       A scalar (``[M]`` for ``"none"``) in the computation dtype of the inputs.
     """
-    kw = dict(
+    kw: dict[str, Any] = dict(
         reduction=reduction,
         beta=beta,
         step=step,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kldiv
-from kldiv import fused
+from kldiv import discrete
 from kldiv.fused import chunked, pallas
 
 
@@ -413,14 +413,14 @@ def test_pallas_lowers_to_triton(dtype, masked):
 
 def test_auto_choice():
     big = (1024, 32768)
-    assert fused.choose_logits_impl(big, backend="gpu") == "pallas"
-    assert fused.choose_logits_impl(big, backend="cpu") == "chunked"
-    assert fused.choose_logits_impl(big, backend="tpu") == "chunked"
-    assert fused.choose_logits_impl((4, 100), backend="cpu") == "xla"
-    assert fused.choose_logits_impl((0, 100), backend="gpu") == "xla"
-    n = fused.AUTO_CHUNKED_MIN_ELEMENTS
-    assert fused.choose_logits_impl((n // 8, 8), backend="cpu") == "chunked"
-    assert fused.choose_logits_impl((n // 8 - 1, 8), backend="cpu") == "xla"
+    assert discrete.choose_logits_impl(big, backend="gpu") == "pallas"
+    assert discrete.choose_logits_impl(big, backend="cpu") == "chunked"
+    assert discrete.choose_logits_impl(big, backend="tpu") == "chunked"
+    assert discrete.choose_logits_impl((4, 100), backend="cpu") == "xla"
+    assert discrete.choose_logits_impl((0, 100), backend="gpu") == "xla"
+    n = discrete.AUTO_CHUNKED_MIN_ELEMENTS
+    assert discrete.choose_logits_impl((n // 8, 8), backend="cpu") == "chunked"
+    assert discrete.choose_logits_impl((n // 8 - 1, 8), backend="cpu") == "xla"
 
 
 def test_unknown_impl_and_empty_inputs():

@@ -1,4 +1,4 @@
-"""Tests for kldiv.fused.fused_linear_kl against materialised logits.
+"""Tests for kldiv.fused_linear.fused_linear_kl against materialised logits.
 
 References materialise both logit tensors in float64 and compute each per-token value with an
 independent formula (scipy log-softmax; the JSD from its definition through the mixture), then
@@ -15,7 +15,8 @@ import pytest
 import scipy.special
 
 import kldiv
-from kldiv.fused import fused_linear_kl, linear
+from kldiv import fused_linear
+from kldiv.fused_linear import fused_linear_kl
 
 N, H_S, H_T, V = 11, 5, 7, 19
 
@@ -94,10 +95,10 @@ def _check(
 
     def ours(hs, ws):
         out = fused_linear_kl(
-            hs,
-            ws,
             ht,
             wt,
+            hs,
+            ws,
             reduction=reduction,
             mask=mask,
             temperature=t,
@@ -167,20 +168,20 @@ def test_hard_label_cross_entropy_in_the_same_pass(reduction):
 def test_temperature_squared_scaling():
     _check("sum", "jsd", t=3.0, t2=True)
     hs, ws, ht, wt = _inputs()
-    a = fused_linear_kl(hs, ws, ht, wt, reduction="sum", temperature=3.0)
+    a = fused_linear_kl(ht, wt, hs, ws, reduction="sum", temperature=3.0)
     b = fused_linear_kl(
         hs, ws, ht, wt, reduction="sum", temperature=3.0, scale_by_temperature_squared=True
     )
     np.testing.assert_allclose(b, 9.0 * a, rtol=1e-12)
     # a traced temperature (annealing schedules) is accepted.
-    f = jax.jit(lambda t: fused_linear_kl(hs, ws, ht, wt, reduction="sum", temperature=t))
+    f = jax.jit(lambda t: fused_linear_kl(ht, wt, hs, ws, reduction="sum", temperature=t))
     np.testing.assert_allclose(f(3.0), a, rtol=1e-12)
 
 
 def test_weight_gradient_tiles(monkeypatch):
     """The weight gradient accumulated in tiles of 2 of its 5 rows (the last tile overlapping)."""
-    monkeypatch.setattr(linear, "WEIGHT_TILE_BYTES", 2 * V * 8)
-    monkeypatch.setattr(linear, "MIN_WEIGHT_TILE", 1)
+    monkeypatch.setattr(fused_linear, "WEIGHT_TILE_BYTES", 2 * V * 8)
+    monkeypatch.setattr(fused_linear, "MIN_WEIGHT_TILE", 1)
     _check("mean", "forward", chunk_size=3, mask=_rng(5).random(N) > 0.3)
     _check("none", "jsd", chunk_size=5)
 
@@ -189,8 +190,8 @@ def test_labels_without_hard_term_only_drop_ignored_tokens():
     labels = _rng(9).integers(0, V, N)
     labels[[2, 3]] = -100
     hs, ws, ht, wt = _inputs(9)
-    got = fused_linear_kl(hs, ws, ht, wt, reduction="mean", labels=labels, chunk_size=4)
-    want = fused_linear_kl(hs, ws, ht, wt, reduction="mean", mask=labels != -100, chunk_size=4)
+    got = fused_linear_kl(ht, wt, hs, ws, reduction="mean", labels=labels, chunk_size=4)
+    want = fused_linear_kl(ht, wt, hs, ws, reduction="mean", mask=labels != -100, chunk_size=4)
     np.testing.assert_allclose(got, want, rtol=1e-13)
 
 
@@ -201,7 +202,10 @@ def test_teacher_is_frozen_and_dropped_tokens_touch_nothing():
     hs_bad, ht_bad = hs.copy(), ht.copy()
     hs_bad[[0, 5]] = np.nan
     ht_bad[5] = np.inf
-    f = lambda *x: fused_linear_kl(*x, reduction="mean", mask=mask, chunk_size=3)  # noqa: E731
+
+    def f(hs, ws, ht, wt):
+        return fused_linear_kl(ht, wt, hs, ws, reduction="mean", mask=mask, chunk_size=3)
+
     val, grads = jax.value_and_grad(f, (0, 1, 2, 3))(hs_bad, ws, ht_bad, wt)
     val_ok, grads_ok = jax.value_and_grad(f, (0, 1, 2, 3))(hs, ws, ht, wt)
     np.testing.assert_allclose(val, val_ok, rtol=1e-13)
@@ -214,10 +218,10 @@ def test_teacher_is_frozen_and_dropped_tokens_touch_nothing():
 def test_vocabulary_size_mismatch():
     hs, ws, ht, wt = _inputs(7, v=V + 3, vt=V)
     with pytest.raises(ValueError, match=rf"{V + 3}.*{V}|{V}.*{V + 3}") as e:
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum")
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum")
     assert "vocab_size" in str(e.value)
     # Explicit: compare over the first V ids; the student's extra columns get zero gradient.
-    f = lambda hs, ws: fused_linear_kl(hs, ws, ht, wt, reduction="sum", vocab_size=V)  # noqa: E731
+    f = lambda hs, ws: fused_linear_kl(ht, wt, hs, ws, reduction="sum", vocab_size=V)  # noqa: E731
     val, (gh, gw) = jax.value_and_grad(f, (0, 1))(hs, ws)
     ref = lambda hs, ws: jnp.sum(kldiv.kl_from_logits(ht @ wt, hs @ ws[:, :V], impl="xla"))  # noqa: E731
     val_ref, (gh_ref, gw_ref) = jax.value_and_grad(ref, (0, 1))(hs, ws)
@@ -227,46 +231,46 @@ def test_vocabulary_size_mismatch():
     assert np.all(gw[:, V:] == 0)
     for bad in (0, V + 1, 2.5):
         with pytest.raises(ValueError, match="vocab_size"):
-            fused_linear_kl(hs, ws, ht, wt, reduction="sum", vocab_size=bad)
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", vocab_size=bad)
 
 
 def test_low_precision_inputs_and_leading_shape():
     hs, ws, ht, wt = _inputs(8, n=12)
     cast = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     hs3, ht3 = cast(hs).reshape(3, 4, H_S), cast(ht).reshape(3, 4, H_T)
-    out = fused_linear_kl(hs3, cast(ws), ht3, cast(wt), reduction="none", chunk_size=5)
+    out = fused_linear_kl(ht3, cast(wt), hs3, cast(ws), reduction="none", chunk_size=5)
     assert out.shape == (3, 4) and out.dtype == jnp.float32
     f32 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # noqa: E731
     ref = kldiv.kl_from_logits(f32(ht) @ f32(wt), f32(hs) @ f32(ws), impl="xla")
     np.testing.assert_allclose(out.reshape(-1), ref, rtol=1e-4, atol=1e-5)
-    g = jax.grad(lambda w: fused_linear_kl(hs3, w, ht3, cast(wt), reduction="mean"))(cast(ws))
+    g = jax.grad(lambda w: fused_linear_kl(ht3, cast(wt), hs3, w, reduction="mean"))(cast(ws))
     assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
 def test_errors():
     hs, ws, ht, wt = _inputs()
     with pytest.raises(ValueError, match="reduction"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="avg")
+        fused_linear_kl(ht, wt, hs, ws, reduction="avg")
     with pytest.raises(ValueError, match="direction"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", direction="backward")
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", direction="backward")
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", direction="jsd", beta=1.5)
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", direction="jsd", beta=1.5)
     with pytest.raises(ValueError, match=r"`student_hidden` \(11, 5\).*`student_weight` \(4, 19\)"):
-        fused_linear_kl(hs, ws[:4], ht, wt, reduction="sum")
+        fused_linear_kl(ht, wt, hs, ws[:4], reduction="sum")
     with pytest.raises(ValueError, match="leading"):
-        fused_linear_kl(hs, ws, ht[:5], wt, reduction="sum")
+        fused_linear_kl(ht[:5], wt, hs, ws, reduction="sum")
     with pytest.raises(ValueError, match="labels"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", hard_weight=1.0)
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", hard_weight=1.0)
     with pytest.raises(TypeError, match="integer"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", labels=np.zeros(N), hard_weight=1.0)
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", labels=np.zeros(N), hard_weight=1.0)
     with pytest.raises(TypeError, match="floating"):
-        fused_linear_kl(hs.astype(np.int32), ws, ht, wt, reduction="sum")
+        fused_linear_kl(ht, wt, hs.astype(np.int32), ws, reduction="sum")
     with pytest.raises(ValueError, match="temperature"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", temperature=0.0)
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", temperature=0.0)
     with pytest.raises(ValueError, match="mask"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="sum", mask=np.ones(N + 1, bool))
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", mask=np.ones(N + 1, bool))
     with pytest.raises(ValueError, match="dataset_size"):
-        fused_linear_kl(hs, ws, ht, wt, reduction="dataset")
+        fused_linear_kl(ht, wt, hs, ws, reduction="dataset")
 
 
 def _temp(f, n, h, v, chunk):
@@ -278,7 +282,7 @@ def _temp(f, n, h, v, chunk):
 
 def test_temporary_memory_is_small_and_flat_in_n():
     def fused(hs, ws, ht, wt, chunk):
-        return fused_linear_kl(hs, ws, ht, wt, reduction="mean", chunk_size=chunk)
+        return fused_linear_kl(ht, wt, hs, ws, reduction="mean", chunk_size=chunk)
 
     def materialised(hs, ws, ht, wt, chunk):
         del chunk

@@ -44,7 +44,7 @@ def _ref(ids, lp, s, tail):
 def test_matches_dense_reference(tail):
     ids, lp, s, _ = _case()
     np.testing.assert_allclose(
-        kl_topk_teacher(ids, lp, s, tail=tail), _ref(ids, lp, s, tail), rtol=1e-10
+        kl_topk_teacher(ids, lp, s, reduction="none", tail=tail), _ref(ids, lp, s, tail), rtol=1e-10
     )
 
 
@@ -55,8 +55,10 @@ def test_k_equal_v_reproduces_kl_from_logits(tail):
     ids = np.stack([rng.permutation(20) for _ in range(3)])
     lp = np.take_along_axis(scipy.special.log_softmax(t, -1), ids, -1)
     want = kldiv.kl_from_logits(t, s)
-    np.testing.assert_allclose(kl_topk_teacher(ids, lp, s, tail=tail), want, rtol=1e-12)
-    g = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, tail=tail)))(s)
+    np.testing.assert_allclose(
+        kl_topk_teacher(ids, lp, s, reduction="none", tail=tail), want, rtol=1e-12
+    )
+    g = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, reduction="none", tail=tail)))(s)
     np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(kldiv.kl_from_logits(t, x)))(s))
 
 
@@ -76,7 +78,7 @@ def test_gradient_matches_reference_autodiff(tail):
             lq_ = jnp.concatenate([lq_k, jnp.log(q_tail)], -1)
         return jnp.sum(jnp.exp(lp_) * (lp_ - lq_))
 
-    got = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, tail=tail)))(s)
+    got = jax.grad(lambda x: jnp.sum(kl_topk_teacher(ids, lp, x, reduction="none", tail=tail)))(s)
     np.testing.assert_allclose(got, jax.grad(dense)(s), rtol=1e-9, atol=1e-12)
 
 
@@ -87,12 +89,16 @@ def test_where_padding_slots_and_temperature():
     junk_ids = np.where(keep, ids, 0)
     junk_lp = np.where(keep, lp, np.nan)
     for tail in ("renormalize", "bucket"):
-        got = kl_topk_teacher(junk_ids, junk_lp, s, tail=tail, where=keep, temperature=2.0)
+        got = kl_topk_teacher(
+            junk_ids, junk_lp, s, reduction="none", tail=tail, where=keep, temperature=2.0
+        )
         want = _ref(ids[:, :5], lp[:, :5], s / 2.0, tail)
         np.testing.assert_allclose(got, want, rtol=1e-10)
         g = jax.grad(
             lambda x, tail=tail: jnp.sum(
-                kl_topk_teacher(junk_ids, junk_lp, x, tail=tail, where=keep, temperature=2.0)
+                kl_topk_teacher(
+                    junk_ids, junk_lp, x, reduction="none", tail=tail, where=keep, temperature=2.0
+                )
             )
         )(s)
         assert np.all(np.isfinite(g))
@@ -101,7 +107,7 @@ def test_where_padding_slots_and_temperature():
 def test_reduction_and_mask():
     ids, lp, s, _ = _case(seed=4)
     mask = np.array([True, False, True, True])
-    vals = kl_topk_teacher(ids, lp, s, tail="bucket")
+    vals = kl_topk_teacher(ids, lp, s, reduction="none", tail="bucket")
     np.testing.assert_allclose(
         kl_topk_teacher(ids, lp, s, tail="bucket", reduction="mean", mask=mask),
         vals[mask].mean(),
@@ -116,7 +122,7 @@ def test_tiny_student_tail_stays_finite_float32():
     ids = np.arange(k)[None]
     lp = np.log(np.full((1, k), 0.2475, np.float32))
     val, g = jax.value_and_grad(
-        lambda x: jnp.sum(kl_topk_teacher(ids, jnp.asarray(lp), x, tail="bucket"))
+        lambda x: jnp.sum(kl_topk_teacher(ids, jnp.asarray(lp), x, reduction="none", tail="bucket"))
     )(jnp.asarray(s))
     assert np.isfinite(val) and val > 0 and np.all(np.isfinite(g))
 
@@ -128,7 +134,9 @@ def test_no_dense_float32_temporaries_in_forward():
     s = jnp.zeros((n, v), jnp.float32)
     for tail in ("renormalize", "bucket"):
         compiled = (
-            jax.jit(lambda a, b, c, tail=tail: kl_topk_teacher(a, b, c, tail=tail))
+            jax.jit(
+                lambda a, b, c, tail=tail: kl_topk_teacher(a, b, c, reduction="none", tail=tail)
+            )
             .lower(ids, lp, s)
             .compile()
         )
@@ -138,25 +146,29 @@ def test_no_dense_float32_temporaries_in_forward():
 
 def test_bf16_student_accumulates_in_float32():
     ids, lp, s, _ = _case(seed=5)
-    out = kl_topk_teacher(ids, lp.astype(np.float32), jnp.asarray(s, jnp.bfloat16), tail="bucket")
+    out = kl_topk_teacher(
+        ids, lp.astype(np.float32), jnp.asarray(s, jnp.bfloat16), reduction="none", tail="bucket"
+    )
     assert out.dtype == jnp.float32
 
 
 def test_errors():
     ids, lp, s, _ = _case()
     with pytest.raises(ValueError, match="tail"):
-        kl_topk_teacher(ids, lp, s, tail="drop")
+        kl_topk_teacher(ids, lp, s, reduction="none", tail="drop")
     with pytest.raises(TypeError, match="teacher_ids"):
-        kl_topk_teacher(ids.astype(float), lp, s, tail="bucket")
+        kl_topk_teacher(ids.astype(float), lp, s, reduction="none", tail="bucket")
     with pytest.raises(ValueError, match=r"\(4, 8\).*\(4, 7\)"):
-        kl_topk_teacher(ids, lp[:, :7], s, tail="bucket")
+        kl_topk_teacher(ids, lp[:, :7], s, reduction="none", tail="bucket")
     with pytest.raises(ValueError, match="leading shapes"):
-        kl_topk_teacher(ids, lp, s[:3], tail="bucket")
+        kl_topk_teacher(ids, lp, s[:3], reduction="none", tail="bucket")
     with pytest.raises(ValueError, match="temperature"):
-        kl_topk_teacher(ids, lp, s, tail="bucket", temperature=0.0)
+        kl_topk_teacher(ids, lp, s, reduction="none", tail="bucket", temperature=0.0)
     f = jax.jit(
         checkify.checkify(
-            lambda i, l, x: kl_topk_teacher(validate_topk_ids(i, x.shape[-1]), l, x, tail="bucket")
+            lambda i, l, x: kl_topk_teacher(
+                validate_topk_ids(i, x.shape[-1]), l, x, reduction="none", tail="bucket"
+            )
         )
     )
     f(ids, lp, s)[0].throw()

@@ -15,7 +15,7 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   two gradients directly (no ``[N, V]`` temporaries besides the outputs).
 
 The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
-applies ``kldiv.discrete.temper_and_mask`` (cast to the compute dtype, divide by a static T,
+applies ``kldiv._logits.temper_and_mask`` (cast to the compute dtype, divide by a static T,
 −inf where masked) to the rows it reads, inside the chunk or fused into the elementwise loop, and
 the backward pass casts the gradients to the inputs' dtypes at its end (exactly 0 where masked).
 
@@ -30,11 +30,18 @@ rows computed twice are written twice with the same values.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 
 from kldiv._checks import compute_dtype
+from kldiv._logits import (
+    kl_logits_aligned,
+    masked_logits_cotangent,
+    temper_and_mask,
+    tempered_row_cotangent,
+)
 from kldiv._numerics import (
     kl_logits_grads,
     kl_terms,
@@ -43,14 +50,9 @@ from kldiv._numerics import (
     safe_max,
     sum_exp,
 )
-from kldiv.discrete import (
-    kl_logits_aligned,
-    masked_logits_cotangent,
-    temper_and_mask,
-    tempered_row_cotangent,
-)
+from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
-__all__ = ["chunk_rows", "for_each_chunk", "kl_logits_chunked", "kl_rows_with_grad", "row_sum"]
+__all__: list[str] = []
 
 # Bytes of one chunk of one input. Measured on a 2-core x86 CPU (1 MiB L2 per core, 32 MiB L3),
 # [1024, 32768] float32: 2–8 MiB chunks (16–64 rows) were equally fast; 4 MiB halves the number of
@@ -65,29 +67,6 @@ def chunk_rows(n: int, v: int, dtype, chunk_bytes: int | None = None) -> int:
     return int(max(1, min(n, c)))
 
 
-def for_each_chunk(n: int, c: int, body, init, first: int = 0):
-    """Runs ``body(start, first_new, carry)`` over ⌈n/c⌉ chunks of ``c`` rows; returns the carry.
-
-    Chunk i covers rows [start, start + c) with start = min(i·c, n − c), so every chunk is full
-    and no padded copy of the inputs is made; ``first_new`` = i·c is the first row that no earlier
-    chunk covered (rows below it in the last chunk were already processed: bodies that accumulate
-    across chunks must weight those rows by 0). ``first`` skips the chunks before it (a caller
-    that handled them itself).
-    """
-    n_chunks = -(-n // c)
-
-    def step(i, carry):
-        first_new = i * c
-        start = jnp.minimum(first_new, n - c)
-        return body(start, first_new, carry)
-
-    if n_chunks - first <= 0:
-        return init
-    if n_chunks - first == 1:
-        return step(first, init)
-    return jax.lax.fori_loop(first, n_chunks, step, init)
-
-
 def row_sum(x: jax.Array) -> jax.Array:
     """Σ over the last axis as a matrix-vector product with ones.
 
@@ -97,14 +76,6 @@ def row_sum(x: jax.Array) -> jax.Array:
     """
     ones = jnp.ones((x.shape[-1],), x.dtype)
     return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
-
-
-def _rows(x, start, c):
-    return jax.lax.dynamic_slice_in_dim(x, start, c, axis=0)
-
-
-def _put(buf, x, start):
-    return jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=0)
 
 
 def kl_rows_with_grad(a: jax.Array, b: jax.Array, wrt: str) -> tuple[jax.Array, jax.Array]:
@@ -135,8 +106,8 @@ def _pass_through(x, dtype):
 def _prepared_rows(x, where, start, c, dtype, t):
     """Rows [start, start + c) of a stored input, cast to ``dtype``, tempered and masked: one
     chunk as ``temper_and_mask`` defines it."""
-    w = None if where is None else _rows(where, start, c)
-    return temper_and_mask(_rows(x, start, c), dtype, t, w)
+    w = None if where is None else rows(where, start, c)
+    return temper_and_mask(rows(x, start, c), dtype, t, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -152,6 +123,7 @@ def _kl_rows_fwd(a, b, where, c, t):
     # maximum): the chunk loop then reads its rows straight from the inputs, without a copy of
     # each chunk for the reduction. Otherwise each chunk is prepared once and reduced in cache.
     whole_max = where is None and a.dtype == b.dtype == dtype
+    ma = mb = None
     if whole_max:
         ma, mb = (
             safe_max(temper_and_mask(jnp.max(x, -1, keepdims=True), dtype, t)) for x in (a, b)
@@ -162,14 +134,14 @@ def _kl_rows_fwd(a, b, where, c, t):
     def body(start, _, carry):
         (a_, b_), out = carry
         ac, bc = (_prepared_rows(x, where, start, c, dtype, t) for x in (a_, b_))
-        if whole_max:
-            ma_c, mb_c = _rows(ma, start, c), _rows(mb, start, c)
+        if ma is not None and mb is not None:
+            ma_c, mb_c = rows(ma, start, c), rows(mb, start, c)
         else:
             ma_c, mb_c = safe_max(ac), safe_max(bc)
         sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
         kl = row_sum(kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
         new = (kl, sa, sb) + (() if whole_max else (ma_c, mb_c))
-        out = tuple(_put(buf, v, start) for buf, v in zip(out, new, strict=True))
+        out = tuple(put_rows(buf, v, start) for buf, v in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
     zeros = jnp.zeros((n,), dtype)
@@ -219,7 +191,7 @@ def kl_logits_chunked(
       a, b: logits of one shape ``[..., V]`` (event axis last), each in its storage dtype
         (bfloat16, float16, float32 or float64): the cast to the compute dtype
         (``kldiv._checks.compute_dtype``), the temperature and the mask are applied per chunk
-        (``kldiv.discrete.temper_and_mask``), so no ``[N, V]`` copy in the compute dtype is made.
+        (``kldiv._logits.temper_and_mask``), so no ``[N, V]`` copy in the compute dtype is made.
       where: boolean mask of the same shape, or None; masked entries count as −inf logits and
         get exactly zero gradient, whatever they hold.
       temperature: T > 0, a Python number (a static value; apply traced temperatures to the
@@ -241,4 +213,4 @@ def kl_logits_chunked(
     w2 = None if where is None else where.reshape(-1, v)
     n = a2.shape[0]
     c = chunk_rows(n, v, dtype) if chunk_size is None else max(1, min(n, int(chunk_size)))
-    return _kl_rows(a2, b2, w2, c, t).reshape(lead)
+    return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, c, t)), lead)

@@ -8,7 +8,7 @@ needs besides the inputs: it walks over the row once more and writes both gradie
 (``kl_logits_grads``) scaled by the incoming cotangent. Nothing of size N·V is ever stored besides
 the inputs and the gradients themselves. The inputs are read in their storage dtype (e.g.
 bfloat16) together with the optional boolean mask, and every loaded block goes through
-``kldiv.discrete.temper_and_mask`` (cast to the compute dtype, divide by the static temperature,
+``kldiv._logits.temper_and_mask`` (cast to the compute dtype, divide by the static temperature,
 −inf where masked); gradients are computed in the compute dtype and stored in the inputs' dtypes.
 
 On GPU the kernel is lowered through Triton (``pl.pallas_call`` with Triton compiler params). On
@@ -20,6 +20,7 @@ kernel's logic, so CPU test runs cover it. Use small shapes there.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kldiv._checks import compute_dtype
+from kldiv._logits import (
+    kl_logits_aligned,
+    masked_logits_cotangent,
+    temper_and_mask,
+    tempered_row_cotangent,
+)
 from kldiv._numerics import (
     block_stats,
     finish_stats,
@@ -35,14 +42,8 @@ from kldiv._numerics import (
     logits_terms,
     merge_stats,
 )
-from kldiv.discrete import (
-    kl_logits_aligned,
-    masked_logits_cotangent,
-    temper_and_mask,
-    tempered_row_cotangent,
-)
 
-__all__ = ["block_size", "kl_logits_pallas", "on_gpu"]
+__all__: list[str] = []
 
 # Largest vocabulary block per loop step (a power of two, as Triton requires): 4096 float32 in
 # registers of 8 warps (16 per thread). Not yet tuned on GPU hardware.
@@ -214,7 +215,7 @@ def kl_logits_pallas(
     Args:
       a, b: logits of one shape ``[..., V]`` (event axis last), each in its storage dtype; each
         loaded block is cast to the compute dtype, tempered and masked in the kernel
-        (``kldiv.discrete.temper_and_mask``).
+        (``kldiv._logits.temper_and_mask``).
       where: boolean mask of the same shape, or None; masked entries count as −inf logits and
         get exactly zero gradient, whatever they hold.
       temperature: T > 0, a Python number (static; apply traced temperatures beforehand).
@@ -233,4 +234,4 @@ def kl_logits_pallas(
     w2 = None if where is None else where.reshape(-1, v)
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
-    return _kl_rows(a2, b2, w2, block, interpret, t).reshape(lead)
+    return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, block, interpret, t)), lead)

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv.fused.chunked import for_each_chunk, kl_rows_with_grad
-from kldiv.reductions import REDUCTIONS, reduce
+from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
+from kldiv.family import js_from_logits
+from kldiv.fused._rows import for_each_chunk, put_rows, rows
+from kldiv.fused.chunked import kl_rows_with_grad
+from kldiv.reductions import reduce
 
-__all__ = ["DIRECTIONS", "fused_linear_kl"]
-
-DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
+__all__ = ["fused_linear_kl"]
 
 # Tokens per chunk: about CHUNK_BYTES of one [C, V] block of logits (a chunk keeps about four such
 # blocks alive), but at least MIN_CHUNK tokens. Every chunk adds its [H, V] weight-gradient product
@@ -68,8 +70,6 @@ def _soft_rows(cfg: _Config, a_t, a_s, ct):
     if cfg.direction == "reverse":
         values, grad = kl_rows_with_grad(a_s, a_t, wrt="a")
         return values, grad * ct[:, None]
-    from kldiv.family import js_from_logits
-
     values, vjp = jax.vjp(lambda s: js_from_logits(a_t, s, cfg.beta), a_s)
     return values, vjp(ct)[0]
 
@@ -119,8 +119,8 @@ def _accumulate_weight_grad(acc, x, dz):
     and only small column slices of ``x`` are copied (dz is used whole).
     """
     h = x.shape[1]
-    rows = WEIGHT_TILE_BYTES // max(1, dz.shape[1] * dz.dtype.itemsize)
-    tile = max(1, min(h, max(MIN_WEIGHT_TILE, rows)))
+    n_rows = WEIGHT_TILE_BYTES // max(1, dz.shape[1] * dz.dtype.itemsize)
+    tile = max(1, min(h, max(MIN_WEIGHT_TILE, n_rows)))
     if tile >= h:
         return acc + _weight_grad(x, dz)
 
@@ -129,8 +129,8 @@ def _accumulate_weight_grad(acc, x, dz):
         # The last tile overlaps the previous one: its already-added rows add 0.
         fresh = (start + jnp.arange(tile)) >= first_new
         xt = jnp.where(fresh[None, :], xt, jnp.zeros_like(xt))
-        rows = jax.lax.dynamic_slice_in_dim(acc, start, tile, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(acc, rows + _weight_grad(xt, dz), start, 0)
+        acc_t = jax.lax.dynamic_slice_in_dim(acc, start, tile, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, acc_t + _weight_grad(xt, dz), start, 0)
 
     return for_each_chunk(h, tile, body, acc)
 
@@ -145,27 +145,21 @@ def _hidden_grad_t(dz, w):
     return jax.lax.dot_general(w, dz.astype(w.dtype), dims, preferred_element_type=dz.dtype)
 
 
-def _rows(x, start, c):
-    return jax.lax.dynamic_slice_in_dim(x, start, c, axis=0)
-
-
-def _put(buf, x, start):
-    return jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=0)
-
-
-def _pass(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, grads: bool):
+def _pass(
+    cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, grads: bool
+) -> tuple[jax.Array, ...]:
     """One walk over the token chunks: per-token losses and, if ``grads``, Σ_i weights_i·∇ℓ_i."""
     n, c = hs.shape[0], cfg.chunk
     cdt = jnp.result_type(soft_w)
 
     def chunk(start):
-        hs_c = _rows(hs, start, c)
-        args = (_rows(ht, start, c), wt, _rows(labels, start, c), _rows(weights, start, c))
+        hs_c = rows(hs, start, c)
+        args = (rows(ht, start, c), wt, rows(labels, start, c), rows(weights, start, c))
         return (hs_c, *_chunk_loss(cfg, hs_c, ws, *args, soft_w, hard_w, temperature))
 
     def body(start, first_new, carry):
         hs_c, loss, dz = chunk(start)
-        out = (_put(carry[0], loss, start),)
+        out = (put_rows(carry[0], loss, start),)
         if grads:
             gh_t = jax.lax.dynamic_update_slice_in_dim(carry[1], _hidden_grad_t(dz, ws), start, 1)
             # Rows of the (overlapping) last chunk that an earlier chunk already added to
@@ -184,7 +178,7 @@ def _pass(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, gra
     gh_t = jax.lax.dynamic_update_slice_in_dim(
         jnp.zeros(hs.shape[::-1], cdt), _hidden_grad_t(dz, ws), 0, 1
     )
-    init = (_put(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz))
+    init = (put_rows(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz))
     out = for_each_chunk(n, c, body, init, first=1)
     return out[0], out[1].T, out[2]
 
@@ -280,7 +274,7 @@ def _vocab(vs: int, vt: int, vocab_size) -> int:
     if (
         isinstance(vocab_size, bool)
         or not isinstance(vocab_size, numbers.Integral)
-        or not 1 <= vocab_size <= min(vs, vt)
+        or not 1 <= int(vocab_size) <= min(vs, vt)
     ):
         raise ValueError(
             f"kldiv: `vocab_size` must be a Python int in [1, {min(vs, vt)}] (the smaller of the "
@@ -290,25 +284,25 @@ def _vocab(vs: int, vt: int, vocab_size) -> int:
 
 
 def fused_linear_kl(
-    student_hidden: jax.Array,
-    student_weight: jax.Array,
-    teacher_hidden: jax.Array,
-    teacher_weight: jax.Array,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
     *,
-    reduction: str,
-    mask: jax.Array | None = None,
-    temperature: float | jax.Array = 1.0,
-    direction: str = "forward",
+    reduction: Reduction,
+    mask: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
+    direction: Direction = "forward",
     beta: float = 0.5,
     scale_by_temperature_squared: bool = False,
-    labels: jax.Array | None = None,
-    hard_weight: float | jax.Array = 0.0,
-    soft_weight: float | jax.Array = 1.0,
+    labels: ArrayLike | None = None,
+    hard_weight: float | ArrayLike = 0.0,
+    soft_weight: float | ArrayLike = 1.0,
     ignore_index: int = -100,
     vocab_size: int | None = None,
-    dataset_size: int | jax.Array | None = None,
-    count: jax.Array | float | None = None,
-    batch_size: jax.Array | int | None = None,
+    dataset_size: int | ArrayLike | None = None,
+    count: float | ArrayLike | None = None,
+    batch_size: int | ArrayLike | None = None,
     chunk_size: int | None = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
@@ -338,11 +332,12 @@ def fused_linear_kl(
     finite for finite logits of any size, never negative).
 
     Args:
+      teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as the student's
+        (frozen: its gradient is zero, as under ``jax.lax.stop_gradient``).
+      teacher_weight: ``[H_t, V_t]`` teacher output projection (frozen).
       student_hidden: ``[..., H_s]`` student hidden states (the inputs of its output layer).
       student_weight: ``[H_s, V_s]`` student output projection (a Flax ``Dense`` kernel; for a
         torch-style ``[V, H]`` matrix pass its transpose).
-      teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as the student's.
-      teacher_weight: ``[H_t, V_t]`` teacher output projection.
       reduction: ``"none"``, ``"sum"``, ``"mean"``, ``"batchmean"`` or ``"dataset"`` (no
         default; see :func:`kldiv.reduce`).
       mask: optional token keep-mask (boolean, or numeric weights as in :func:`kldiv.reduce`),
@@ -382,22 +377,16 @@ def fused_linear_kl(
       "On-policy distillation of language models" (GKD); Hsu et al. (2024), "Liger Kernel"
       (fused linear cross-entropy/JSD).
     """
-    _check_matrix("student_hidden", student_hidden, "student_weight", student_weight)
     _check_matrix("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    _check_matrix("student_hidden", student_hidden, "student_weight", student_weight)
     lead = tuple(jnp.shape(student_hidden)[:-1])
     if tuple(jnp.shape(teacher_hidden)[:-1]) != lead:
         raise ValueError(
             f"kldiv: `student_hidden` {jnp.shape(student_hidden)} and `teacher_hidden` "
             f"{jnp.shape(teacher_hidden)} must have the same leading (token) shape."
         )
-    if direction not in DIRECTIONS:
-        raise ValueError(
-            f"kldiv: unknown direction {direction!r}; allowed: " + ", ".join(map(repr, DIRECTIONS))
-        )
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(
-            f"kldiv: unknown reduction {reduction!r}; allowed: " + ", ".join(map(repr, REDUCTIONS))
-        )
+    _checks.check_choice("direction", direction, DIRECTIONS)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     if direction == "jsd":
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
             raise TypeError(f"kldiv: `beta` must be a Python number; got {type(beta).__name__}.")
@@ -419,19 +408,7 @@ def fused_linear_kl(
     cdt = _checks.compute_dtype(hs, ws, ht, wt)
 
     # Kept tokens: the reduction's mask, and labels other than ignore_index.
-    reduce_mask = None
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        try:
-            ok = tuple(np.broadcast_shapes(mask.shape, lead)) == lead
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"kldiv: `mask` of shape {mask.shape} does not broadcast to the tokens' shape "
-                f"{lead} (the hidden states' leading shape)."
-            )
-        reduce_mask = jnp.broadcast_to(mask, lead)
+    reduce_mask = _checks.check_mask(mask, lead, "mask", numeric=True)
     if labels is not None:
         labels = jnp.asarray(labels)
         if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -470,7 +447,7 @@ def fused_linear_kl(
     else:
         chunk = int(chunk_size)
     chunk = max(1, min(max(n, 1), chunk))
-    unit_t = isinstance(temperature, numbers.Real) and temperature == 1
+    unit_t = bool(isinstance(temperature, numbers.Real) and temperature == 1)
     # The hard term is computed when there are labels and its weight is not the Python number 0
     # (labels alone, with hard_weight=0, only drop ignore_index tokens).
     hard = labels is not None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0)
@@ -498,7 +475,10 @@ def fused_linear_kl(
     # the per-token weights that the forward pass folds into the gradients.
     _, reduce_vjp = jax.vjp(reduce_fn, jnp.zeros((n,), cdt))
     (weights,) = reduce_vjp(jnp.ones((), cdt))
-    total, values = _fused_scalar(cfg, hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)
+    total, values = cast(
+        tuple[jax.Array, jax.Array],
+        _fused_scalar(cfg, hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp),
+    )
     # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
     # linear), which the custom VJP supplies.
     value = reduce_fn(jax.lax.stop_gradient(values))

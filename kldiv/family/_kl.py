@@ -1,0 +1,106 @@
+"""Reverse KL and Jeffreys: thin layers over the KL cores (closed-form JVPs, every input space)."""
+
+from __future__ import annotations
+
+import jax
+from jax.typing import ArrayLike
+
+from kldiv.family._core import (
+    KL_CORES,
+    prepare,
+)
+
+__all__ = [
+    "jeffreys",
+    "jeffreys_from_log_probs",
+    "jeffreys_from_logits",
+    "reverse_kl",
+    "reverse_kl_from_log_probs",
+    "reverse_kl_from_logits",
+]
+
+
+def _reverse_kl(space, x, y, axis, where, temperature):
+    x, y = prepare(space, x, y, axis, where, temperature)
+    return KL_CORES[space](y, x)
+
+
+def _jeffreys(space, x, y, axis, where, temperature):
+    x, y = prepare(space, x, y, axis, where, temperature)
+    return KL_CORES[space](x, y) + KL_CORES[space](y, x)
+
+
+def reverse_kl(
+    p: ArrayLike, q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """Reverse KL, KL(q‖p) = Σ_v q_v log(q_v/p_v), from probabilities.
+
+    ``reverse_kl(p, q) == kl(q, p)``: the arguments keep the library's order (p the target, q
+    the model) and the divergence is taken the other way round, the mode-seeking direction of
+    variational inference and "reverse-KL" distillation. Every semantic (edges, gradients,
+    dtypes, ``where``) is that of :func:`kldiv.kl` with the roles swapped: q = 0 entries
+    contribute 0; q > 0 where p = 0 gives +inf.
+
+    Returns one value per example (``axis`` removed).
+
+    References:
+      Kullback & Leibler (1951); Minka (2005), "Divergence measures and message passing", for
+      the mode-seeking behaviour.
+    """
+    return _reverse_kl("probs", p, q, axis, where, 1.0)
+
+
+def reverse_kl_from_log_probs(
+    log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """KL(q‖p) from log-probabilities: ``kl_from_log_probs(log_q, log_p)``; see reverse_kl."""
+    return _reverse_kl("log_probs", log_p, log_q, axis, where, 1.0)
+
+
+def reverse_kl_from_logits(
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
+    *,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
+) -> jax.Array:
+    """KL(softmax(logits_q/T) ‖ softmax(logits_p/T)), ``kl_from_logits(logits_q, logits_p)``.
+
+    See :func:`reverse_kl` and :func:`kldiv.kl_from_logits` (accuracy, edges, temperature).
+    """
+    return _reverse_kl("logits", logits_p, logits_q, axis, where, temperature)
+
+
+def jeffreys(
+    p: ArrayLike, q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """Jeffreys divergence J(p, q) = KL(p‖q) + KL(q‖p) = Σ_v (p_v − q_v) log(p_v/q_v).
+
+    Symmetric; +inf wherever the supports differ. Computed as two :func:`kldiv.kl` calls (each
+    a sum of non-negative terms), so it inherits their accuracy, edges and gradients.
+
+    References:
+      Jeffreys (1946), "An invariant form for the prior probability in estimation problems",
+      Proc. R. Soc. A 186.
+    """
+    return _jeffreys("probs", p, q, axis, where, 1.0)
+
+
+def jeffreys_from_log_probs(
+    log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """Jeffreys divergence KL(p‖q) + KL(q‖p) from log-probabilities. See :func:`jeffreys`."""
+    return _jeffreys("log_probs", log_p, log_q, axis, where, 1.0)
+
+
+def jeffreys_from_logits(
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
+    *,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    temperature: float | ArrayLike = 1.0,
+) -> jax.Array:
+    """Jeffreys divergence of softmax(logits_p/T) and softmax(logits_q/T). See :func:`jeffreys`."""
+    return _jeffreys("logits", logits_p, logits_q, axis, where, temperature)
