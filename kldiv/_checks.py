@@ -14,6 +14,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
@@ -38,8 +39,19 @@ def check_choice(name: str, value, allowed: Sequence[str]) -> str:
 
 
 def check_floating(name: str, x) -> None:
-    """Raises TypeError unless ``x`` has a floating dtype."""
-    dtype = jnp.result_type(x)
+    """Raises TypeError unless ``x`` has a floating dtype (array-likes such as nested lists of
+    Python floats count as floating, as in ``jnp.asarray``)."""
+    if isinstance(x, (list, tuple)):
+        try:
+            x = np.asarray(x)
+        except ValueError as e:
+            raise TypeError(f"kldiv: `{name}` is not an array-like of numbers: {e}") from None
+    try:
+        dtype = jnp.result_type(x)
+    except TypeError:
+        raise TypeError(
+            f"kldiv: `{name}` must be an array or array-like of floats; got {type(x).__name__}."
+        ) from None
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"kldiv: `{name}` must have a floating dtype (float16, bfloat16, float32 or float64); "
@@ -140,10 +152,54 @@ def check_broadcasts_to(name: str, got: tuple[int, ...], shape: tuple[int, ...],
         )
 
 
-def check_temperature(temperature) -> None:
-    """Python numbers must be > 0; traced values are taken as they are (annealing schedules)."""
-    if isinstance(temperature, numbers.Real) and not float(temperature) > 0:
-        raise ValueError(f"kldiv: `temperature` must be > 0; got {temperature}.")
+def is_concrete(x) -> bool:
+    """Whether ``x`` has a value now (not a tracer under jit/grad/vmap)."""
+    return not isinstance(x, Tracer)
+
+
+def check_temperature(temperature, batch_shape: tuple[int, ...] | None = None, dtype=None):
+    """The one check of a temperature; returns it ready to divide ``[..., V]`` logits by.
+
+    A Python number must be finite and > 0 (and, with ``dtype``, at least that dtype's smallest
+    normal number, below which the division flushes to zero); it is returned as a float. An
+    array must be real; one value (shape ``()``) or one per example, broadcastable to
+    ``batch_shape`` (the logits' shape without the event axis), returned with a trailing axis
+    so that it broadcasts over the vocabulary. Concrete arrays must be > 0; traced ones are used
+    as given (check them with ``checkify`` if they can be ≤ 0). TypeError for booleans, strings
+    and other objects, ValueError for values or shapes outside this, each naming `temperature`.
+    """
+    if isinstance(temperature, bool) or isinstance(temperature, np.bool_):
+        raise TypeError("kldiv: `temperature` must be a number > 0 or a real array; got a bool.")
+    if isinstance(temperature, numbers.Real):
+        t = float(temperature)
+        tiny = float(jnp.finfo(dtype).tiny) if dtype is not None else 0.0
+        if not (np.isfinite(t) and t > 0 and t >= tiny):
+            allowed = (
+                f"≥ {tiny:.3g} (the smallest normal {jnp.dtype(dtype).name})" if tiny else "> 0"
+            )
+            raise ValueError(f"kldiv: `temperature` must be finite and {allowed}; got {t}.")
+        return t
+    if not hasattr(temperature, "dtype") and not isinstance(temperature, (list, tuple)):
+        raise TypeError(
+            "kldiv: `temperature` must be a number > 0 or a real array; got "
+            f"{type(temperature).__name__}."
+        )
+    t = jnp.asarray(temperature)
+    if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
+        raise TypeError(f"kldiv: `temperature` must be real; got dtype {t.dtype}.")
+    if is_concrete(t) and t.size and not bool(jnp.all(t > 0)):
+        raise ValueError("kldiv: `temperature` must be > 0; got values ≤ 0 (or NaN).")
+    if t.ndim == 0:
+        return t
+    if batch_shape is None:
+        raise ValueError(f"kldiv: `temperature` must be a scalar here; got shape {t.shape}.")
+    check_broadcasts_to(
+        "temperature",
+        t.shape,
+        tuple(batch_shape),
+        "one value per example: the inputs' shape without the event axis",
+    )
+    return t[..., None]
 
 
 def check_same_event_size(names: Sequence[str], sizes: Sequence[int]) -> None:
@@ -170,7 +226,8 @@ def validate_probs(p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: st
     sums to 1 within ``atol``. Returns ``p`` unchanged, so it can wrap an argument inline. The check
     only takes effect under ``jax.experimental.checkify.checkify``::
 
-        from jax.experimental import checkify
+        from jax.core import Tracer
+from jax.experimental import checkify
         checked = checkify.checkify(lambda p, q: kldiv.kl(kldiv.validate_probs(p), q))
         err, value = jax.jit(checked)(p, q)
         err.throw()   # raises with the message below if p is not a distribution
@@ -204,6 +261,28 @@ def validate_log_probs(
     )
     _check_total_is_one(f"exp(`{name}`)", jnp.exp(jax.nn.logsumexp(x, axis=axis)), axis, atol)
     return log_p
+
+
+def check_scalar_count(name: str, value, *, allow_zero: bool = False) -> None:
+    """A count-like argument (``count``, ``batch_size``, ``dataset_size``): None, or one real
+    number; concrete values must be > 0 (≥ 0 with ``allow_zero``). Traced values are used as
+    given. TypeError/ValueError naming ``name`` otherwise."""
+    if value is None:
+        return
+    if isinstance(value, (bool, np.bool_, str)) or not (
+        isinstance(value, numbers.Real) or hasattr(value, "dtype")
+    ):
+        raise TypeError(f"kldiv: `{name}` must be a number or a scalar array; got {value!r}.")
+    v = jnp.asarray(value)
+    if v.ndim != 0:
+        raise ValueError(f"kldiv: `{name}` must be a scalar; got shape {v.shape}.")
+    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
+        raise TypeError(f"kldiv: `{name}` must be real; got dtype {v.dtype}.")
+    if is_concrete(v):
+        ok = bool(v >= 0) if allow_zero else bool(v > 0)
+        if not ok:
+            bound = "≥ 0" if allow_zero else "> 0"
+            raise ValueError(f"kldiv: `{name}` must be {bound}; got {value!r}.")
 
 
 def check_positive(name: str, value) -> None:

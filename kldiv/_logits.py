@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._numerics import kl_logits_grads, kl_terms, logits_stats, logits_terms, psum
+from kldiv._numerics import (
+    kl_logits_grads,
+    logit_kl_terms,
+    logits_stats,
+    logits_terms,
+    psum,
+    safe_max,
+    saturate,
+)
 
 __all__: list[str] = []
 
@@ -53,7 +61,7 @@ def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def kl_logits_core(a, b, axis_name=None):
     p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
-    return psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
+    return psum(jnp.sum(logit_kl_terms(p, q, x), axis=-1), axis_name)
 
 
 @kl_logits_core.defjvp
@@ -61,7 +69,7 @@ def _kl_logits_jvp(axis_name, primals, tangents):
     a, b = primals
     da, db = tangents
     p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
-    out = psum(jnp.sum(kl_terms(p, q, x), axis=-1), axis_name)
+    out = psum(jnp.sum(logit_kl_terms(p, q, x), axis=-1), axis_name)
     # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
     ga, gb = kl_logits_grads(p, q, x, out[..., None])
     return out, psum(jnp.sum(ga * da + gb * db, axis=-1), axis_name)
@@ -78,21 +86,76 @@ def static_temperature(temperature) -> float | None:
     return None
 
 
-def temper_and_mask(x, dtype, temperature: float | ArrayLike = 1.0, where=None):
-    """Logits as every path sees them: ``x`` cast to ``dtype``, divided by T, −inf where masked.
+def is_unit(temperature) -> bool:
+    """Whether ``temperature`` is the Python number 1 (no division at all)."""
+    return (
+        isinstance(temperature, numbers.Real)
+        and not isinstance(temperature, bool)
+        and (float(temperature) == 1.0)
+    )
+
+
+def masked_row_max(x, dtype, where=None, axis_name=None):
+    """The raw row maximum (``[..., 1]``) of ``x`` cast to ``dtype`` and masked, 0 for rows with
+    no finite maximum (empty rows; NaN propagates through the entries themselves); across the
+    shards of a vocabulary split over ``axis_name`` when given."""
+    x = x.astype(dtype)
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    return safe_max(jax.lax.stop_gradient(x), axis_name=axis_name)
+
+
+def tempered_max(center, temperature):
+    """The row maximum of :func:`temper_and_mask`'s output given the ``center`` it used: the
+    center itself at T = 1 (no centring), else 0 (the centred maximum)."""
+    return center if is_unit(temperature) else jnp.zeros_like(center)
+
+
+def temper_and_mask(x, dtype, temperature: float | ArrayLike = 1.0, where=None, center=None):
+    """Logits as every path sees them: cast to ``dtype``, −inf where masked, divided by T.
 
     The one definition of the input semantics of :func:`kl_from_logits`, applied to whole arrays
     (XLA path), to row chunks (``kldiv.fused.chunked``) and to loaded vocabulary blocks
     (``kldiv.fused.pallas``), so that all paths agree on every edge. ``temperature``: a Python
-    number (1 skips the division) or an array; ``where``: boolean, broadcastable to ``x``, or
-    None. Masked entries become −inf whatever ``x`` holds there (NaN, ±inf).
+    number or an array broadcastable against ``x`` (a scalar or one per row, ``[..., 1]``);
+    ``where``: boolean, broadcastable to ``x``, or None. Masked entries become −inf whatever ``x``
+    holds there (NaN, ±inf).
+
+    At T = 1 (the Python number) the logits are returned as they are: the centring happens later,
+    error-free (``_numerics.logits_terms``). Otherwise they are centred *before* the division,
+    (x − c)/T with c the raw row maximum (``center``, from :func:`masked_row_max` when None), so
+    that every intermediate stays finite: the row maximum becomes exactly 0 however XLA rounds
+    the division, and logits near ±3e38 cannot overflow (an entry whose tempered gap to the
+    maximum is beyond the dtype's range becomes −inf: its probability is 0 to that precision).
+    Entries that are −inf stay −inf through a double ``where``, so that the gradient with
+    respect to a traced T is finite (their branch is differentiated at 0).
     """
     x = x.astype(dtype)
-    if not (isinstance(temperature, numbers.Real) and temperature == 1):
-        x = x / jnp.asarray(temperature, dtype)
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
-    return x
+    if is_unit(temperature):
+        return x
+    if center is None:
+        center = masked_row_max(x, dtype)
+    live = x != -jnp.inf  # NaN counts as live and propagates
+    # (x − c)/T as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow.
+    half = 0.5 * jnp.where(live, x, center) - 0.5 * jax.lax.stop_gradient(center)
+    return jnp.where(live, 2 * _divide(half, jnp.asarray(temperature, dtype)), -jnp.inf)
+
+
+@jax.custom_jvp
+def _divide(x, t):
+    return x / t
+
+
+@_divide.defjvp
+def _divide_jvp(primals, tangents):
+    # d(x/t) = dx/t − (x/t)/t·dt, saturated: a tiny T gives huge, never infinite, derivatives.
+    x, t = primals
+    dx, dt = tangents
+    y = x / t
+    inv = saturate(1 / t, nan_to_zero=False)
+    return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
 
 
 def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
@@ -100,7 +163,7 @@ def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
     rule through :func:`temper_and_mask`'s division by a static temperature, folded into one
     factor per row by the fused paths."""
     g = g.astype(dtype)[..., None]
-    return g if temperature == 1 else g / jnp.asarray(temperature, dtype)
+    return g if temperature == 1 else saturate(g / jnp.asarray(temperature, dtype))
 
 
 def masked_logits_cotangent(g, dtype, where=None):
@@ -108,13 +171,22 @@ def masked_logits_cotangent(g, dtype, where=None):
     (with the 1/T factor already in ``g``): exactly 0 at masked entries, cast to ``dtype``."""
     if where is not None:
         g = jnp.where(where, g, jnp.zeros_like(g))
-    return g.astype(dtype)
+    return saturate(g.astype(dtype), nan_to_zero=False)
 
 
-def temper_and_mask_pair(a, b, temperature: float | ArrayLike = 1.0, where=None):
-    """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype."""
+def temper_and_mask_pair(
+    a, b, temperature: float | ArrayLike = 1.0, where=None, axis_name=None
+) -> tuple[jax.Array, jax.Array]:
+    """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype
+    (centred on the global row maxima of a vocabulary split over ``axis_name``)."""
     dtype = _checks.compute_dtype(a, b)
-    return tuple(temper_and_mask(x, dtype, temperature, where) for x in (a, b))
+    if is_unit(temperature):
+        return temper_and_mask(a, dtype, 1.0, where), temper_and_mask(b, dtype, 1.0, where)
+    ca, cb = (masked_row_max(x, dtype, where, axis_name) for x in (a, b))
+    return (
+        temper_and_mask(a, dtype, temperature, where, ca),
+        temper_and_mask(b, dtype, temperature, where, cb),
+    )
 
 
 def kl_logits_aligned(a, b, where=None, temperature: float | ArrayLike = 1.0):
@@ -130,6 +202,6 @@ def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
     arrays in the compute dtype (the XLA path); the fused paths apply the same
     :func:`temper_and_mask` per chunk or block instead.
     """
-    _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    temperature = _checks.check_temperature(temperature, a.shape[:-1], _checks.compute_dtype(a, b))
     return temper_and_mask_pair(a, b, temperature, where)

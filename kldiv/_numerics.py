@@ -128,6 +128,40 @@ def psum(x: jax.Array, axis_name=None) -> jax.Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
+def _varying_axes(x) -> frozenset:
+    """The mapped axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
+    if x is None:
+        return frozenset()
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX ≥ 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # JAX 0.7–0.9
+
+
+def match_vma(*xs):
+    """The arrays made varying over the same mapped axes (inside ``shard_map``), None kept.
+
+    A custom VJP's backward pass must return cotangents of the same type as the primal inputs;
+    inside ``jax.shard_map`` (with its default ``check_vma=True``) a replicated input (a shared
+    prior, a replicated LM-head weight) is *invariant* over the mapped axis while its cotangent,
+    computed from sharded data, varies. Casting every input to the union of the inputs' varying
+    axes before the custom VJP makes the types agree; the transpose of that cast sums the
+    cotangent over the axis, which is exactly the gradient of a replicated input. Outside
+    ``shard_map`` (or for arrays without a varying-axes type) it returns the inputs unchanged.
+    """
+    vmas = [_varying_axes(x) for x in xs]
+    union = frozenset().union(*vmas)
+    if not union:
+        return xs
+    return tuple(
+        x
+        if x is None or vma == union
+        else jax.lax.pcast(x, tuple(sorted(union - vma)), to="varying")
+        for x, vma in zip(xs, vmas, strict=True)
+    )
+
+
 def two_diff(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Error-free a − b = hi + lo (Knuth's TwoSum); lo = 0 where hi is not finite."""
     hi = a - b
@@ -141,7 +175,7 @@ def safe_max(x: jax.Array, axis: int = -1, axis_name=None) -> jax.Array:
 
     With ``axis_name`` the maximum is taken across the shards of that mapped axis as well.
     """
-    m = jnp.max(x, axis=axis, keepdims=True)
+    m = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
     if axis_name is not None:
         m = jax.lax.pmax(m, axis_name)
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
@@ -150,35 +184,54 @@ def safe_max(x: jax.Array, axis: int = -1, axis_name=None) -> jax.Array:
 def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
     """Per-row statistics of two logit rows along the last axis.
 
-    Returns (ma, mb, sa, sb): row maxima (0 for empty rows) and Σ exp(· − max) (1 for empty rows,
-    where every entry is −inf, so probabilities come out 0). With ``axis_name`` the last axis is
-    a shard of a vocabulary split over that mapped axis, and the statistics are global.
+    Returns (ma, mb, sa, sb): row maxima (0 for empty rows) and Σ exp(· − max) (0 for empty rows,
+    where every entry is −inf; :func:`logits_terms` reads that as "no support"). With
+    ``axis_name`` the last axis is a shard of a vocabulary split over that mapped axis, and the
+    statistics are global.
     """
     ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
     return ma, mb, sum_exp(a, ma, axis_name), sum_exp(b, mb, axis_name)
 
 
 def sum_exp(x: jax.Array, m: jax.Array, axis_name=None) -> jax.Array:
-    """Σ exp(x − m) along the last axis (kept), 1 for empty rows: the normaliser of
+    """Σ exp(x − m) along the last axis (kept), 0 for empty rows: the normaliser of
     :func:`logits_stats` given the row maxima ``m`` from :func:`safe_max`."""
-    s = psum(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True), axis_name)
-    return jnp.where(s > 0, s, jnp.ones_like(s))
+    return psum(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True), axis_name)
 
 
 def logits_terms(a, b, ma, mb, sa, sb):
-    """p, q and x = log(p/q) for logit rows given their statistics (see :func:`logits_stats`).
+    """p, q and x/2 = log(p/q)/2 for logit rows given their statistics (:func:`logits_stats`).
 
-    x is computed from the error-free centred logits, (a − ma) − (b − mb), minus
+    x is formed from the error-free centred logits, (a − ma) − (b − mb), minus
     log(sa/sb) = log1p((sa − sb)/sb), so it keeps relative accuracy when p ≈ q whatever the
-    logits' offset; all-row constants only shift x, which moves Σ p·ω(x) at second order.
+    logits' offset; all-row constants only shift x, which moves Σ p·ω(x) at second order. It is
+    returned halved (every step scaled by the exact factor ½) so that it stays finite for finite
+    logits up to ±3.4e38, whose gaps reach 6.8e38: use it through :func:`logit_kl_terms` and
+    :func:`kl_logits_grads`, which form p·x as 2·(p·x/2).
+
+    Rows without support (sa = 0 or sb = 0: every entry −inf or masked) give probabilities 0. A
+    row where p has no support also gets q = 0: it contributes 0 to every divergence and its
+    gradients, exactly like a row whose entries are all masked.
     """
-    ah, al = two_diff(a, ma)
-    bh, bl = two_diff(b, mb)
-    log_norm_ratio = jnp.log1p((sa - sb) / sb)
-    x = ((ah - bh) + (al - bl)) - log_norm_ratio
-    p = jnp.exp(ah) / sa
-    q = jnp.exp(bh) / sb
-    return p, q, x
+    ah, al = two_diff(0.5 * a, 0.5 * ma)
+    bh, bl = two_diff(0.5 * b, 0.5 * mb)
+    sa1 = jnp.where(sa > 0, sa, jnp.ones_like(sa))
+    sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
+    half_log_norm_ratio = 0.5 * jnp.log1p((sa1 - sb1) / sb1)
+    xh = ((ah - bh) + (al - bl)) - half_log_norm_ratio
+    p = jnp.exp(2 * ah) / sa1
+    q = jnp.where(sa > 0, jnp.exp(2 * bh) / sb1, jnp.zeros_like(bh))
+    return p, q, xh
+
+
+def logit_kl_terms(p: jax.Array, q: jax.Array, xh: jax.Array) -> jax.Array:
+    """:func:`kl_terms` given x/2 (from :func:`logits_terms`) instead of x: p·x − p + q with
+    p·x = 2·(p·x/2), finite whenever the term is."""
+    small = jnp.abs(xh) < 0.5 * SERIES_THRESHOLD  # NaN compares False
+    xs = jnp.where(small, 2 * xh, jnp.zeros_like(xh))
+    series = p * (xs * xs) * _omega_over_x2(xs, SERIES_THRESHOLD)
+    px = jnp.where(p > 0, 2 * (p * jnp.where(p > 0, xh, jnp.zeros_like(xh))), jnp.zeros_like(p))
+    return jnp.maximum(jnp.where(small, series, px - p + q), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,39 +239,48 @@ def logits_terms(a, b, ma, mb, sa, sb):
 # gradients as above, split into pieces that can be merged across blocks of one row.
 
 
-def kl_logits_grads(p, q, x, kl):
-    """Closed-form gradients of KL(softmax(a)‖softmax(b)) per entry, from :func:`logits_terms`.
+def kl_logits_grads(p, q, xh, kl):
+    """Closed-form gradients of KL(softmax(a)‖softmax(b)) per entry, from :func:`logits_terms`
+    (``xh`` = x/2).
 
     ∂KL/∂a = p·(x − KL) (0 where p = 0) and ∂KL/∂b = q − p, with ``kl`` the row's KL broadcast
-    against the row (shape ``[..., 1]``). Never NaN: where the row's KL is +inf the
-    coefficients saturate (:func:`saturate`).
+    against the row (shape ``[..., 1]``). Never NaN for non-NaN input: where the row's KL is
+    +inf the coefficients saturate (:func:`saturate`).
     """
-    ga = jnp.where(p > 0, p * (jnp.where(p > 0, x, jnp.zeros_like(x)) - kl), jnp.zeros_like(p))
+    xs = jnp.where(p > 0, xh, jnp.zeros_like(xh))
+    ga = jnp.where(p > 0, 2 * (p * xs) - p * kl, jnp.zeros_like(p))
     return saturate(ga), q - p
 
 
-def block_stats(x: jax.Array):
-    """Raw (max, Σ exp(x − max)) of a block along the last axis, for :func:`merge_stats`.
+def block_stats(x: jax.Array, temperature: float = 1.0):
+    """Raw (max, Σ exp((x − max)/T)) of a block along the last axis, for :func:`merge_stats`.
 
-    Unlike :func:`logits_stats` nothing is patched: an all −inf block gives (−inf, 0), the
-    identity of the merge.
+    ``x`` holds raw (untempered, masked) logits, so the maximum is the centre of
+    ``_logits.temper_and_mask``. Unlike :func:`logits_stats` nothing is patched: an all −inf
+    block gives (−inf, 0), the identity of the merge.
     """
     m = jnp.max(x, axis=-1, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m, jnp.sum(jnp.exp(x - m_safe), axis=-1, keepdims=True)
+    return m, jnp.sum(jnp.exp(_scaled(x - m_safe, temperature)), axis=-1, keepdims=True)
 
 
-def merge_stats(m1, s1, m2, s2):
+def _scaled(d, temperature: float):
+    return d if temperature == 1 else d / temperature
+
+
+def merge_stats(m1, s1, m2, s2, temperature: float = 1.0):
     """Combines raw (max, Σexp) pairs of two blocks of one row (the online logsumexp).
 
-    m = max(m1, m2), s = s1·e^{m1−m} + s2·e^{m2−m} (Milakov & Gimelshein 2018); a block with
-    m = −inf (empty) contributes nothing.
+    m = max(m1, m2), s = s1·e^{(m1−m)/T} + s2·e^{(m2−m)/T} (Milakov & Gimelshein 2018); a block
+    with m = −inf (empty) contributes nothing.
     """
     m = jnp.maximum(m1, m2)
     m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
     def scale(mi, si):
-        return jnp.where(mi == -jnp.inf, jnp.zeros_like(si), si * jnp.exp(mi - m_safe))
+        return jnp.where(
+            mi == -jnp.inf, jnp.zeros_like(si), si * jnp.exp(_scaled(mi - m_safe, temperature))
+        )
 
     return m, scale(m1, s1) + scale(m2, s2)
 
@@ -226,7 +288,6 @@ def merge_stats(m1, s1, m2, s2):
 def finish_stats(m, s):
     """Raw merged (max, Σexp) → the (max, Σexp) convention of :func:`logits_stats`.
 
-    Empty rows get max 0 and Σexp 1, so their probabilities come out 0 and their KL 0.
+    Empty rows get max 0 and Σexp 0 (no support: :func:`logits_terms`).
     """
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m, jnp.where(s > 0, s, jnp.ones_like(s))
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)), s

@@ -236,10 +236,10 @@ def kl_from_logits(
         raise ValueError(
             f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
         )
-    _checks.check_temperature(temperature)
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
+    temperature = _checks.check_temperature(temperature, a.shape[:-1], _checks.compute_dtype(a, b))
     if axis_name is not None:
-        return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), axis_name)
+        return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where, axis_name), axis_name)
     return _kl_from_aligned_logits(a, b, impl, where=where, temperature=temperature)
 
 

@@ -25,9 +25,11 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
+from kldiv._logits import static_temperature, temper_and_mask
+from kldiv._numerics import match_vma
 from kldiv.family import js_from_logits
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
-from kldiv.fused.chunked import kl_rows_with_grad
+from kldiv.fused.chunked import kl_rows_with_grads
 from kldiv.reductions import reduce
 
 __all__ = ["fused_linear_kl"]
@@ -55,23 +57,25 @@ class _Config(NamedTuple):
     hard: bool  # compute the hard-label cross-entropy term
     t2: bool
     unit_temperature: bool  # T is the Python number 1: skip the divisions
+    traced_temperature: bool  # T is an array: its gradient is computed
 
 
-def _soft_rows(cfg: _Config, a_t, a_s, ct):
-    """Per-token divergence of tempered teacher/student logits and ct·∂/∂a_s.
+def _soft_rows(cfg: _Config, a_t, a_s):
+    """Per-token divergence D of tempered teacher/student logits, ∂D/∂a_s and ∂D/∂a_t.
 
-    Forward and reverse KL use the closed-form gradients of ``kldiv.discrete`` (shared numerics,
-    ``kl_rows_with_grad``); the JSD differentiates :func:`kldiv.family.js_from_logits` with
+    Forward and reverse KL use the closed-form gradients of the shared numerics
+    (``kl_rows_with_grads``); the JSD differentiates :func:`kldiv.family.js_from_logits` with
     ``jax.vjp`` on the chunk.
     """
     if cfg.direction == "forward":
-        values, grad = kl_rows_with_grad(a_t, a_s, wrt="b")
-        return values, grad * ct[:, None]
+        values, g_t, g_s = kl_rows_with_grads(a_t, a_s)
+        return values, g_s, g_t
     if cfg.direction == "reverse":
-        values, grad = kl_rows_with_grad(a_s, a_t, wrt="a")
-        return values, grad * ct[:, None]
-    values, vjp = jax.vjp(lambda s: js_from_logits(a_t, s, cfg.beta), a_s)
-    return values, vjp(ct)[0]
+        values, g_s, g_t = kl_rows_with_grads(a_s, a_t)
+        return values, g_s, g_t
+    values, vjp = jax.vjp(lambda t, s: js_from_logits(t, s, cfg.beta), a_t, a_s)
+    g_t, g_s = vjp(jnp.ones_like(values))
+    return values, g_s, g_t
 
 
 def _hard_rows(z_s, labels, ct):
@@ -82,28 +86,39 @@ def _hard_rows(z_s, labels, ct):
     """
     ids = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1)
     onehot_logits = jnp.where(ids == labels[:, None], 0.0, -jnp.inf).astype(z_s.dtype)
-    values, grad = kl_rows_with_grad(onehot_logits, z_s, wrt="b")
+    values, _, grad = kl_rows_with_grads(onehot_logits, z_s)
     return values, grad * ct[:, None]
 
 
 def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
-    """Per-token loss ℓ and ∂(Σ ct·ℓ)/∂z_s for one chunk of tokens ([C, H] hidden states)."""
+    """One chunk of tokens ([C, H] hidden states): the per-token loss ℓ, ∂(Σ ct·ℓ)/∂z_s and the
+    ct-weighted per-token derivatives of ℓ with respect to soft_weight, hard_weight and T."""
     cdt = jnp.result_type(soft_w)
     z_s = jnp.matmul(hs, ws, preferred_element_type=cdt)
     z_t = jnp.matmul(ht, wt, preferred_element_type=cdt)
     t = temperature.astype(cdt)
-    soft_scale = soft_w * t * t if cfg.t2 else soft_w
+    factor = t * t if cfg.t2 else jnp.ones_like(t)
+    soft_scale = soft_w * factor
     if cfg.unit_temperature:
-        soft, dz = _soft_rows(cfg, z_t, z_s, ct * soft_scale)
-    else:
-        soft, d_soft = _soft_rows(cfg, z_t / t, z_s / t, ct * soft_scale)
-        dz = d_soft / t
+        a_t, a_s = z_t, z_s
+    else:  # the shared tempering: centred, then divided (finite for logits of any size)
+        a_t, a_s = (temper_and_mask(z, cdt, t) for z in (z_t, z_s))
+    soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
+    dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
+    # ∂ℓ/∂T = soft_w·(T²)'·D + soft_scale·∂D/∂T, ∂D/∂T = −(Σ_v g_t·a_t + Σ_v g_s·a_s)/T (the
+    # softmax gradients sum to 0, so the centring of a_t, a_s does not matter).
+    d_t = jnp.zeros_like(soft)
+    if cfg.traced_temperature:
+        live = lambda a: jnp.where(a > -jnp.inf, a, 0)  # noqa: E731
+        dot = jnp.sum(g_t * live(a_t) + g_s * live(a_s), axis=-1)
+        d_t = -soft_scale * dot / t + (soft_w * 2 * t * soft if cfg.t2 else 0)
+    hard = jnp.zeros_like(soft)
     if cfg.hard:
         hard, d_hard = _hard_rows(z_s, labels, ct * hard_w)
         loss = loss + hard_w * hard
         dz = dz + d_hard
-    return loss, dz
+    return loss, dz, jnp.stack([ct * factor * soft, ct * hard, ct * d_t])
 
 
 def _weight_grad(x, dz):
@@ -158,7 +173,7 @@ def _pass(
         return (hs_c, *_chunk_loss(cfg, hs_c, ws, *args, soft_w, hard_w, temperature))
 
     def body(start, first_new, carry):
-        hs_c, loss, dz = chunk(start)
+        hs_c, loss, dz, aux = chunk(start)
         out = (put_rows(carry[0], loss, start),)
         if grads:
             gh_t = jax.lax.dynamic_update_slice_in_dim(carry[1], _hidden_grad_t(dz, ws), start, 1)
@@ -166,7 +181,7 @@ def _pass(
             # grad_weight count once: zero them in the hidden states used for the sum.
             fresh = (start + jnp.arange(c)) >= first_new
             gw = _accumulate_weight_grad(carry[2], jnp.where(fresh[:, None], hs_c, 0), dz)
-            out += (gh_t, gw)
+            out += (gh_t, gw, carry[3] + jnp.sum(jnp.where(fresh, aux, 0), axis=-1))
         return out
 
     loss0 = jnp.zeros((n,), cdt)
@@ -174,13 +189,14 @@ def _pass(
         return for_each_chunk(n, c, body, (loss0,))
     # The first chunk starts the sums: its weight-gradient product is the accumulator (no zero
     # fill and no accumulation pass for it).
-    hs_0, loss, dz = chunk(0)
+    hs_0, loss, dz, aux = chunk(0)
     gh_t = jax.lax.dynamic_update_slice_in_dim(
         jnp.zeros(hs.shape[::-1], cdt), _hidden_grad_t(dz, ws), 0, 1
     )
-    init = (put_rows(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz))
+    init = (put_rows(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz), jnp.sum(aux, axis=-1))
     out = for_each_chunk(n, c, body, init, first=1)
-    return out[0], out[1].T, out[2]
+    # (per-token losses, grad hidden, grad weight, [d/dsoft_weight, d/dhard_weight, d/dT])
+    return out[0], out[1].T, out[2], out[3]
 
 
 # Scalar reductions (linear in the per-token values): gradients are folded in the forward pass.
@@ -192,26 +208,21 @@ def _fused_scalar(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperat
 
 
 def _fused_scalar_fwd(cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature):
-    loss, gh, gw = _pass(
+    loss, gh, gw, aux = _pass(
         cfg, hs, ws, ht, wt, labels, weights, soft_w, hard_w, temperature, grads=True
     )
     total = jnp.sum(weights * loss)
-    return (total, loss), (gh.astype(hs.dtype), gw.astype(ws.dtype))
+    return (total, loss), (gh.astype(hs.dtype), gw.astype(ws.dtype), aux)
 
 
 def _fused_scalar_bwd(cfg, res, cts):
-    gh, gw = res
+    gh, gw, aux = res
     g = cts[0]  # the per-token values are only used under stop_gradient
-    return (
-        (g * gh).astype(gh.dtype),
-        (g * gw).astype(gw.dtype),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+    d_soft, d_hard, d_t = g * aux
+    return ((g * gh).astype(gh.dtype), (g * gw).astype(gw.dtype), None, None, None, None) + (
+        d_soft,
+        d_hard,
+        d_t,
     )
 
 
@@ -234,8 +245,9 @@ def _fused_values_fwd(cfg, hs, ws, ht, wt, labels, soft_w, hard_w, temperature):
 
 def _fused_values_bwd(cfg, res, g):
     hs, ws, ht, wt, labels, soft_w, hard_w, temperature = res
-    _, gh, gw = _pass(cfg, hs, ws, ht, wt, labels, g, soft_w, hard_w, temperature, grads=True)
-    return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None, None, None
+    _, gh, gw, aux = _pass(cfg, hs, ws, ht, wt, labels, g, soft_w, hard_w, temperature, grads=True)
+    d_soft, d_hard, d_t = aux
+    return (gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None) + (d_soft, d_hard, d_t)
 
 
 _fused_values.defvjp(_fused_values_fwd, _fused_values_bwd)
@@ -392,7 +404,7 @@ def fused_linear_kl(
             raise TypeError(f"kldiv: `beta` must be a Python number; got {type(beta).__name__}.")
         if not 0 <= beta <= 1:
             raise ValueError(f"kldiv: `beta` must be in [0, 1]; got {beta}.")
-    _checks.check_temperature(temperature)
+    temperature = _checks.check_temperature(temperature)
     if labels is None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0):
         raise ValueError("kldiv: `hard_weight` is set but no `labels` were given.")
 
@@ -417,7 +429,15 @@ def fused_linear_kl(
             raise ValueError(
                 f"kldiv: `labels` {labels.shape} must have the hidden states' leading shape {lead}."
             )
-        label_keep = labels != ignore_index
+        in_range = (labels >= 0) & (labels < v)
+        if _checks.is_concrete(labels) and not bool(jnp.all(in_range | (labels == ignore_index))):
+            bad = np.asarray(labels)[~np.asarray(in_range | (labels == ignore_index))]
+            raise ValueError(
+                f"kldiv: `labels` must be in [0, {v}) or equal `ignore_index` ({ignore_index}); "
+                f"got {bad[:5].tolist()}."
+            )
+        # Under jit, out-of-range labels drop their token (as ignore_index does).
+        label_keep = (labels != ignore_index) & in_range
         if reduce_mask is None:
             reduce_mask = label_keep
         elif reduce_mask.dtype == jnp.bool_:
@@ -451,7 +471,15 @@ def fused_linear_kl(
     # The hard term is computed when there are labels and its weight is not the Python number 0
     # (labels alone, with hard_weight=0, only drop ignore_index tokens).
     hard = labels is not None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0)
-    cfg = _Config(direction, float(beta), chunk, hard, bool(scale_by_temperature_squared), unit_t)
+    cfg = _Config(
+        direction,
+        float(beta),
+        chunk,
+        hard,
+        bool(scale_by_temperature_squared),
+        unit_t,
+        static_temperature(temperature) is None,
+    )
     soft_w = jnp.asarray(soft_weight, cdt)
     hard_w = jnp.asarray(hard_weight, cdt)
     temp = jnp.asarray(temperature, cdt)
@@ -469,7 +497,8 @@ def fused_linear_kl(
     if n == 0:
         return reduce_fn(jnp.zeros((0,), cdt))
     if reduction == "none":
-        values = _fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp)
+        args = match_vma(hs, ws, ht, wt, labels_c, soft_w, hard_w, temp)
+        values = _fused_values(cfg, *args)
         return reduce_fn(values)
     # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
     # the per-token weights that the forward pass folds into the gradients.
@@ -477,7 +506,7 @@ def fused_linear_kl(
     (weights,) = reduce_vjp(jnp.ones((), cdt))
     total, values = cast(
         tuple[jax.Array, jax.Array],
-        _fused_scalar(cfg, hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp),
+        _fused_scalar(cfg, *match_vma(hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)),
     )
     # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
     # linear), which the custom VJP supplies.

@@ -192,9 +192,11 @@ def mc_kl(
         means, m2s = jax.lax.map(jax.checkpoint(lambda k: stats(k, chunk_size)), keys[:n_full])
         mean = jnp.mean(means, axis=0)
         d = jax.lax.stop_gradient(means - mean)
-        m2 = jnp.sum(m2s, axis=0) + chunk_size * jnp.sum(d * d, axis=0)
+        m2 = jnp.sum(m2s, axis=0) + float(chunk_size) * jnp.sum(d * d, axis=0)
         if rem:
-            _, mean, m2 = _combine(n_full * chunk_size, mean, m2, rem, *stats(keys[-1], rem))
+            n_done = float(n_full * chunk_size)
+            _, mean, m2 = _combine(n_done, mean, m2, float(rem), *stats(keys[-1], rem))
     m2 = jnp.where(jnp.isfinite(mean), m2, jnp.inf)
-    stderr = jax.lax.stop_gradient(jnp.sqrt(m2 / ((num_samples - 1) * num_samples)))
+    # The normaliser as a Python float: (n − 1)·n overflows int32 from n = 46342 on.
+    stderr = jax.lax.stop_gradient(jnp.sqrt(m2 / float((num_samples - 1) * num_samples)))
     return MCKLEstimate(mean, stderr)

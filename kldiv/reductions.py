@@ -54,7 +54,8 @@ def count_kept(mask, *, shape: tuple[int, ...] | None = None, axis_name=None) ->
             raise ValueError("kldiv: count_kept needs `mask` or `shape`.")
         return psum(jnp.asarray(float(np.prod(shape)), jnp.float32), axis_name)
     mask = jnp.asarray(mask)
-    return psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
+    acc = jnp.float64 if mask.dtype == jnp.float64 else jnp.float32
+    return psum(jnp.sum(mask.astype(acc)), axis_name)
 
 
 def reduce(
@@ -116,10 +117,23 @@ def reduce(
             "a scalar; pass per-example values or `batch_size`."
         )
 
+    _checks.check_scalar_count("count", count, allow_zero=True)
+    _checks.check_scalar_count("batch_size", batch_size)
+    _checks.check_scalar_count("dataset_size", dataset_size)
+
     m = _checks.check_mask(mask, values.shape, "mask", numeric=True)
-    kept = values if m is None else jnp.where(m.astype(bool), values, 0)
-    if m is not None and m.dtype != jnp.bool_:
-        kept = kept * m.astype(values.dtype)
+    if m is not None and m.dtype != jnp.bool_ and _checks.is_concrete(m):
+        if not bool(jnp.all(m >= 0)):  # NaN compares False
+            raise ValueError(
+                "kldiv: numeric `mask` weights must be ≥ 0 and not NaN (0 drops a position)."
+            )
+    # Sums and counts accumulate in float32 at least (16-bit values: float32 comes out).
+    acc = _checks.compute_dtype(values)
+    kept = values.astype(acc)
+    if m is not None:
+        kept = jnp.where(m.astype(bool), kept, 0)
+        if m.dtype != jnp.bool_:
+            kept = kept * m.astype(acc)
     if reduction == "none":
         return kept
 
@@ -129,11 +143,15 @@ def reduce(
     if reduction == "mean":
         if count is None:
             count = count_kept(m, shape=values.shape, axis_name=axis_name)
-        count = jnp.asarray(count, values.dtype)
-        return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), jnp.zeros_like(total))
+        return _safe_divide(total, jnp.asarray(count, acc))
     if batch_size is None:
-        batch_size = psum(jnp.asarray(values.shape[0], values.dtype), axis_name)
-    batch_size = jnp.asarray(batch_size, values.dtype)
+        batch_size = psum(jnp.asarray(values.shape[0], acc), axis_name)
+    batch_size = jnp.asarray(batch_size, acc)
     if reduction == "batchmean":
-        return total / batch_size
-    return total * (jnp.asarray(dataset_size, values.dtype) / batch_size)
+        return _safe_divide(total, batch_size)
+    return _safe_divide(total * jnp.asarray(dataset_size, acc), batch_size)
+
+
+def _safe_divide(total: jax.Array, n: jax.Array) -> jax.Array:
+    """total / n, and 0 where n is 0 (an empty batch or no kept position: nothing to average)."""
+    return jnp.where(n > 0, total / jnp.where(n > 0, n, 1), jnp.zeros_like(total))

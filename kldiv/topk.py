@@ -30,6 +30,7 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from kldiv import _checks
+from kldiv._logits import temper_and_mask
 from kldiv.discrete import kl_from_log_probs, kl_from_logits
 from kldiv.reductions import Reduction, reduce
 
@@ -39,14 +40,25 @@ TAILS = ("renormalize", "bucket")
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
-    """log(1 − e^x) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012)."""
-    x = jnp.minimum(x, 0)
+    """log(1 − e^x) for x ≤ 0, accurate on both sides of −log 2 (Mächler 2012); −inf for
+    x ≥ 0 (an empty tail), with a zero, not NaN, derivative there (double ``where``)."""
+    inside = x < 0
+    x = jnp.where(inside, x, -1.0)
     far = x < -0.6931471805599453
-    return jnp.where(
+    value = jnp.where(
         far,
         jnp.log1p(-jnp.exp(jnp.where(far, x, -1.0))),
         jnp.log(-jnp.expm1(jnp.where(far, -1.0, x))),
     )
+    return jnp.where(inside, value, -jnp.inf)
+
+
+def _logsumexp(x: jax.Array) -> jax.Array:
+    """logsumexp over the last axis (kept), −inf for rows of −inf, with finite gradients."""
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf))
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
+    return jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)) + m, -jnp.inf)
 
 
 def validate_topk_ids(teacher_ids: ArrayLike, vocab_size: int) -> jax.Array:
@@ -121,7 +133,6 @@ def kl_topk_teacher(
         raise TypeError(f"kldiv: `teacher_ids` must be integer; got dtype {teacher_ids.dtype}.")
     _checks.check_floating("teacher_log_probs", teacher_log_probs)
     _checks.check_floating("student_logits", student_logits)
-    _checks.check_temperature(temperature)
     lp = jnp.asarray(teacher_log_probs)
     s = jnp.asarray(student_logits)
     if teacher_ids.shape != lp.shape:
@@ -135,14 +146,19 @@ def kl_topk_teacher(
             f"`student_logits` {s.shape}; expected [..., k] and [..., V] with the same [...]."
         )
     dtype = _checks.compute_dtype(lp, s)
-    lp, s = lp.astype(dtype), s.astype(dtype)
-    if not (isinstance(temperature, (int, float)) and temperature == 1):
-        s = s / jnp.asarray(temperature, dtype)
+    temperature = _checks.check_temperature(temperature, s.shape[:-1], dtype)
+    lp = lp.astype(dtype)
+    s = temper_and_mask(s, dtype, temperature)
     keep = _checks.check_mask(where, lp.shape)
     if keep is not None:
         lp = jnp.where(keep, lp, -jnp.inf)
 
-    s_k = jnp.take_along_axis(s, teacher_ids, axis=-1)
+    # Out-of-range ids in kept slots make their position NaN (never an alias of another id):
+    # a negative id would otherwise index from the end and an id ≥ V read out of bounds.
+    v = s.shape[-1]
+    in_range = (teacher_ids >= 0) & (teacher_ids < v)
+    bad = ~in_range if keep is None else keep & ~in_range
+    s_k = jnp.take_along_axis(s, jnp.clip(teacher_ids, 0, max(v - 1, 0)), axis=-1)
     if keep is not None:
         s_k = jnp.where(keep, s_k, -jnp.inf)
 
@@ -156,9 +172,7 @@ def kl_topk_teacher(
         top = jnp.sum(jnp.exp(s_k - m), axis=-1, keepdims=True)
         log_q = s_k - m - jnp.log(total)
         # Teacher tail: log(1 − Σ_k p) via log1mexp of the (≤ 0) logsumexp.
-        lse_p = jax.nn.logsumexp(lp, axis=-1, keepdims=True)
-        lse_p = jnp.where(jnp.isfinite(lse_p), lse_p, -jnp.inf)
-        log_p_tail = _log1mexp(lse_p)
+        log_p_tail = _log1mexp(_logsumexp(lp))
         resolution = jnp.finfo(dtype).eps * total
         tail_mass = total - top
         tail_mass = jnp.where(
@@ -170,4 +184,5 @@ def kl_topk_teacher(
             jnp.concatenate([lp, log_p_tail], axis=-1),
             jnp.concatenate([log_q, log_q_tail], axis=-1),
         )
+    values = jnp.where(jnp.any(bad, axis=-1), jnp.nan, values)
     return reduce(values, reduction, mask=mask)

@@ -70,9 +70,11 @@ def pair_from_log_probs(lp, lq):
 
 def pair_from_logits(a, b):
     ma, mb, sa, sb = logits_stats(a, b)
-    p, q, d = logits_terms(a, b, ma, mb, sa, sb)
-    lp = (a - ma) - jnp.log(sa)
-    lq = (b - mb) - jnp.log(sb)
+    p, q, dh = logits_terms(a, b, ma, mb, sa, sb)
+    d = 2 * dh
+    lp = (a - ma) - jnp.log(jnp.where(sa > 0, sa, 1))
+    # A row where p has no support counts as empty in both (logits_terms): q = 0 there.
+    lq = jnp.where(sa > 0, (b - mb) - jnp.log(jnp.where(sb > 0, sb, 1)), NEG_INF)
     d = _clean_ratio(d, lp, lq)
     return Pair(p, q, lp, lq, d, _diff_from_ratio(p, q, d))
 

@@ -39,15 +39,17 @@ from kldiv._checks import compute_dtype
 from kldiv._logits import (
     kl_logits_aligned,
     masked_logits_cotangent,
+    masked_row_max,
     temper_and_mask,
+    tempered_max,
     tempered_row_cotangent,
 )
 from kldiv._numerics import (
     kl_logits_grads,
-    kl_terms,
+    logit_kl_terms,
     logits_stats,
     logits_terms,
-    safe_max,
+    match_vma,
     sum_exp,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
@@ -78,17 +80,17 @@ def row_sum(x: jax.Array) -> jax.Array:
     return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
 
 
-def kl_rows_with_grad(a: jax.Array, b: jax.Array, wrt: str) -> tuple[jax.Array, jax.Array]:
-    """KL(softmax(a)‖softmax(b)) per row of prepared ``[C, V]`` logits and its gradient.
+def kl_rows_with_grads(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """KL(softmax(a)‖softmax(b)) per row of prepared ``[C, V]`` logits and both gradients.
 
-    ``wrt="a"``: ∂KL/∂a = p·(x − KL); ``wrt="b"``: ∂KL/∂b = q − p (``kl_logits_grads``). One
-    evaluation of the shared statistics and terms gives both the value and the gradient.
+    ∂KL/∂a = p·(x − KL) and ∂KL/∂b = q − p (``kl_logits_grads``): one evaluation of the shared
+    statistics and terms gives the value and the gradients (XLA drops the unused one).
     """
     stats = logits_stats(a, b)
     p, q, x = logits_terms(a, b, *stats)
-    kl = row_sum(kl_terms(p, q, x))
+    kl = row_sum(logit_kl_terms(p, q, x))
     ga, gb = kl_logits_grads(p, q, x, kl[:, None])
-    return kl, (ga if wrt == "a" else gb)
+    return kl, ga, gb
 
 
 def _pass_through(x, dtype):
@@ -103,11 +105,13 @@ def _pass_through(x, dtype):
     return x if x.dtype == dtype else jax.lax.optimization_barrier(x)
 
 
-def _prepared_rows(x, where, start, c, dtype, t):
-    """Rows [start, start + c) of a stored input, cast to ``dtype``, tempered and masked: one
-    chunk as ``temper_and_mask`` defines it."""
+def _prepared_rows(x, where, start, c, dtype, t, center=None):
+    """Rows [start, start + c) of a stored input as ``temper_and_mask`` defines them, and the
+    raw row maxima they were centred on (computed here, in cache, unless given)."""
     w = None if where is None else rows(where, start, c)
-    return temper_and_mask(rows(x, start, c), dtype, t, w)
+    xc = rows(x, start, c)
+    center = masked_row_max(xc, dtype, w) if center is None else rows(center, start, c)
+    return temper_and_mask(xc, dtype, t, w, center), center
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -118,48 +122,43 @@ def _kl_rows(a, b, where, c, t):
 def _kl_rows_fwd(a, b, where, c, t):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
-    # Stored in the compute dtype and unmasked, the row maxima of the whole arrays come first
-    # (one streaming pass each; the division by T > 0 is monotone, so it commutes with the
-    # maximum): the chunk loop then reads its rows straight from the inputs, without a copy of
-    # each chunk for the reduction. Otherwise each chunk is prepared once and reduced in cache.
+    # Stored in the compute dtype and unmasked, the raw row maxima of the whole arrays come
+    # first (one streaming pass each): the chunk loop then reads its rows straight from the
+    # inputs, without a copy of each chunk for the reduction. Otherwise each chunk is prepared
+    # once and reduced in cache. The maxima are the centres of temper_and_mask.
     whole_max = where is None and a.dtype == b.dtype == dtype
-    ma = mb = None
-    if whole_max:
-        ma, mb = (
-            safe_max(temper_and_mask(jnp.max(x, -1, keepdims=True), dtype, t)) for x in (a, b)
-        )
+    centers = (masked_row_max(a, dtype), masked_row_max(b, dtype)) if whole_max else (None, None)
 
-    # The carry: the stored inputs (see _pass_through) and the per-row outputs (with the maxima
-    # unless they came first).
+    # The carry: the stored inputs (see _pass_through) and the per-row outputs.
     def body(start, _, carry):
         (a_, b_), out = carry
-        ac, bc = (_prepared_rows(x, where, start, c, dtype, t) for x in (a_, b_))
-        if ma is not None and mb is not None:
-            ma_c, mb_c = rows(ma, start, c), rows(mb, start, c)
-        else:
-            ma_c, mb_c = safe_max(ac), safe_max(bc)
+        (ac, ca), (bc, cb) = (
+            _prepared_rows(x, where, start, c, dtype, t, m)
+            for x, m in zip((a_, b_), centers, strict=True)
+        )
+        ma_c, mb_c = tempered_max(ca, t), tempered_max(cb, t)
         sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
-        kl = row_sum(kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
-        new = (kl, sa, sb) + (() if whole_max else (ma_c, mb_c))
+        kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
+        new = (kl, sa, sb) + (() if whole_max else (ca, cb))
         out = tuple(put_rows(buf, v, start) for buf, v in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
     zeros = jnp.zeros((n,), dtype)
     init = (zeros,) + (zeros[:, None],) * (2 if whole_max else 4)
-    kl, sa, sb, *maxima = for_each_chunk(n, c, body, ((a, b), init))[1]
-    if not whole_max:
-        ma, mb = maxima
-    return kl, (a, b, where, kl, ma, mb, sa, sb)
+    kl, sa, sb, *found = for_each_chunk(n, c, body, ((a, b), init))[1]
+    ca, cb = centers if whole_max else found
+    return kl, (a, b, where, kl, ca, cb, sa, sb)
 
 
 def _kl_rows_bwd(c, t, res, g):
     del c
-    a, b, where, kl, *stats = res
+    a, b, where, kl, ca, cb, sa, sb = res
     dtype = kl.dtype
     g = tempered_row_cotangent(g, dtype, t)
+    stats = (tempered_max(ca, t), tempered_max(cb, t), sa, sb)
 
     def grad(wrt, a, b):
-        ac, bc = (temper_and_mask(x, dtype, t, where) for x in (a, b))
+        ac, bc = (temper_and_mask(x, dtype, t, where, m) for x, m in ((a, ca), (b, cb)))
         gx = kl_logits_grads(*logits_terms(ac, bc, *stats), kl[:, None])[wrt]
         return masked_logits_cotangent(gx * g, (a, b)[wrt].dtype, where)
 
@@ -213,4 +212,5 @@ def kl_logits_chunked(
     w2 = None if where is None else where.reshape(-1, v)
     n = a2.shape[0]
     c = chunk_rows(n, v, dtype) if chunk_size is None else max(1, min(n, int(chunk_size)))
+    a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
     return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, c, t)), lead)

@@ -32,14 +32,16 @@ from kldiv._logits import (
     kl_logits_aligned,
     masked_logits_cotangent,
     temper_and_mask,
+    tempered_max,
     tempered_row_cotangent,
 )
 from kldiv._numerics import (
     block_stats,
     finish_stats,
     kl_logits_grads,
-    kl_terms,
+    logit_kl_terms,
     logits_terms,
+    match_vma,
     merge_stats,
 )
 
@@ -67,14 +69,21 @@ def _load(ref, i, block, fill):
     return plgpu.load(ref.at[idx], mask=mask, other=fill), idx, mask
 
 
-def _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature):
-    """Block i of both logit rows as ``temper_and_mask`` defines them (the compute dtype, /T,
-    −inf where masked or past the row's end), the mask block (or None), indices, in-row mask."""
+def _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, centers=None):
+    """Block i of both logit rows as ``temper_and_mask`` defines them (the compute dtype, −inf
+    where masked or past the row's end, centred on the rows' raw maxima ``centers`` and divided
+    by T), or, without ``centers``, raw (cast and masked only, for the statistics pass); the mask
+    block (or None), indices, in-row mask."""
     a, idx, mask = _load(a_ref, i, block, -jnp.inf)
     b, _, _ = _load(b_ref, i, block, -jnp.inf)
     w = None if w_ref is None else _load(w_ref, i, block, False)[0]
-    a = temper_and_mask(a, dtype, temperature, w)
-    b = temper_and_mask(b, dtype, temperature, w)
+    if centers is None:
+        a, b = (temper_and_mask(x, dtype, 1.0, w) for x in (a, b))
+    else:
+        a, b = (
+            temper_and_mask(x, dtype, temperature, w, c)
+            for x, c in zip((a, b), centers, strict=True)
+        )
     return a, b, w, idx, mask
 
 
@@ -92,29 +101,32 @@ def _fwd_kernel(*refs, block, temperature, has_where):
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     dtype = kl_ref.dtype
 
-    def load(i):
-        return _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature)[:2]
+    t = temperature
 
     def stats_step(i, carry):
-        ma, sa, mb, sb = carry
-        a, b = load(i)
-        ma, sa = merge_stats(ma, sa, *block_stats(a))
-        mb, sb = merge_stats(mb, sb, *block_stats(b))
-        return ma, sa, mb, sb
+        ma, sa, mb, sb, nans = carry
+        a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, t)[:2]
+        ma, sa = merge_stats(ma, sa, *block_stats(a, t), t)
+        mb, sb = merge_stats(mb, sb, *block_stats(b, t), t)
+        # NaN in an unmasked entry propagates as on the XLA path (a GPU max would drop it).
+        nans = nans + jnp.sum((jnp.isnan(a) | jnp.isnan(b)).astype(dtype), keepdims=True)
+        return ma, sa, mb, sb, nans
 
     empty_m = jnp.full((1,), -jnp.inf, dtype)
-    empty_s = jnp.zeros((1,), dtype)
-    ma, sa, mb, sb = jax.lax.fori_loop(
-        0, n_blocks, stats_step, (empty_m, empty_s, empty_m, empty_s)
+    zero = jnp.zeros((1,), dtype)
+    ma, sa, mb, sb, nans = jax.lax.fori_loop(
+        0, n_blocks, stats_step, (empty_m, zero, empty_m, zero, zero)
     )
-    ma, sa = finish_stats(ma, sa)
+    ma, sa = finish_stats(ma, sa)  # ma, mb: the raw row maxima, the centres of the tempering
     mb, sb = finish_stats(mb, sb)
+    stats = (tempered_max(ma, t), tempered_max(mb, t), sa, sb)
 
     def kl_step(i, acc):
-        terms = kl_terms(*logits_terms(*load(i), ma, mb, sa, sb))
-        return acc + jnp.sum(terms, keepdims=True)
+        a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, t, (ma, mb))[:2]
+        return acc + jnp.sum(logit_kl_terms(*logits_terms(a, b, *stats)), keepdims=True)
 
-    kl_ref[...] = jax.lax.fori_loop(0, n_blocks, kl_step, jnp.zeros((1,), dtype))
+    kl = jax.lax.fori_loop(0, n_blocks, kl_step, zero)
+    kl_ref[...] = jnp.where(nans > 0, jnp.nan, kl)
     ma_ref[...] = ma
     mb_ref[...] = mb
     sa_ref[...] = sa
@@ -125,12 +137,13 @@ def _bwd_kernel(*refs, block, temperature, has_where):
     a_ref, b_ref, w_ref, rest = _split_refs(refs, has_where, 2 + has_where)
     kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, ga_ref, gb_ref = rest
     n_blocks = pl.cdiv(a_ref.shape[0], block)
-    stats = (ma_ref[...], mb_ref[...], sa_ref[...], sb_ref[...])
+    ma, mb = ma_ref[...], mb_ref[...]  # the raw row maxima (centres)
+    stats = (tempered_max(ma, temperature), tempered_max(mb, temperature), sa_ref[...], sb_ref[...])
     kl, g = kl_ref[...], g_ref[...]  # g: the row cotangent, 1/T included
     dtype = kl.dtype
 
     def step(i, carry):
-        a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature)
+        a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, (ma, mb))
         ga, gb = kl_logits_grads(*logits_terms(a, b, *stats), kl)
         plgpu.store(ga_ref.at[idx], masked_logits_cotangent(ga * g, ga_ref.dtype, w), mask=mask)
         plgpu.store(gb_ref.at[idx], masked_logits_cotangent(gb * g, gb_ref.dtype, w), mask=mask)
@@ -161,6 +174,16 @@ def _call(kernel, n, v, n_in_rows, n_in_scalars, out_shapes, out_specs, block, i
     )
 
 
+def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """An output of ``shape`` and ``dtype`` varying over the same ``shard_map`` axes as ``like``
+    (the inputs agree after ``match_vma``): Pallas needs it inside ``shard_map`` with
+    ``check_vma=True``."""
+    manual = getattr(jax.typeof(like), "manual_axis_type", None)
+    if manual is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+
+
 def _row_inputs(a, b, where):
     return (a, b) if where is None else (a, b, where)
 
@@ -168,7 +191,7 @@ def _row_inputs(a, b, where):
 def _forward(a, b, where, block, interpret, temperature):
     n, v = a.shape
     rows = _row_inputs(a, b, where)
-    row = jax.ShapeDtypeStruct((n, 1), compute_dtype(a, b))
+    row = _out_struct((n, 1), compute_dtype(a, b), a)
     kw = dict(temperature=temperature, has_where=where is not None)
     call = _call(
         _fwd_kernel, n, v, len(rows), 0, (row,) * 5, (_SCALAR_SPEC,) * 5, block, interpret, **kw
@@ -191,7 +214,7 @@ def _kl_rows_bwd(block, interpret, temperature, res, g):
     n, v = a.shape
     g = tempered_row_cotangent(g, kl.dtype, temperature)
     rows = _row_inputs(a, b, where)
-    outs = (jax.ShapeDtypeStruct((n, v), a.dtype), jax.ShapeDtypeStruct((n, v), b.dtype))
+    outs = (_out_struct((n, v), a.dtype, a), _out_struct((n, v), b.dtype, a))
     kw = dict(temperature=temperature, has_where=where is not None)
     call = _call(_bwd_kernel, n, v, len(rows), 6, outs, (_row_spec(v),) * 2, block, interpret, **kw)
     ga, gb = call(*rows, kl, *stats, g)
@@ -234,4 +257,5 @@ def kl_logits_pallas(
     w2 = None if where is None else where.reshape(-1, v)
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
+    a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
     return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, block, interpret, t)), lead)
