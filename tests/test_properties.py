@@ -1,0 +1,165 @@
+"""One property suite over every implementation of ``kl_from_logits`` and every edge class.
+
+Hypothesis draws logits (ordinary ranges and up to ±3e38), ``where`` masks, rows of −inf, NaN in
+masked entries, 16-bit inputs and temperatures (Python numbers, tiny to huge, and traced arrays,
+one per row), and asserts for every ``impl`` (xla, chunked, pallas in interpret mode, auto):
+
+* valid input never gives NaN, the value is ≥ 0, and the gradient is finite wherever the value
+  is (and 0 at masked entries);
+* every implementation equals the XLA path within a stated tolerance (values and gradients);
+* on small float64 cases the gradient equals central finite differences.
+
+The default budget runs in ``make test``; ``KLDIV_HYPOTHESIS_PROFILE=slow`` (``make test-slow``)
+runs a larger one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import kldiv
+
+settings.register_profile(
+    "default",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    # No shrinking in the default budget: each example compiles every implementation.
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "slow", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile(os.environ.get("KLDIV_HYPOTHESIS_PROFILE", "default"))
+
+IMPLS = ("xla", "chunked", "pallas", "auto")
+# A few fixed shapes keep the number of compilations (Pallas interpret mode) bounded.
+SHAPES = ((2, 5), (3, 17))
+BIG = 3e38
+
+
+@st.composite
+def cases(draw, big=False):
+    shape = draw(st.sampled_from(SHAPES))
+    scale = draw(st.sampled_from([1.0, 30.0, 1e4] + ([1e37, BIG] if big else [])))
+    elements = st.floats(-1.0, 1.0, allow_nan=False, width=64)
+    a = draw(hnp.arrays(np.float64, shape, elements=elements)) * scale
+    b = draw(hnp.arrays(np.float64, shape, elements=elements)) * scale
+    where = draw(hnp.arrays(np.bool_, shape, elements=st.booleans()))
+    where[:, 0] = True  # most rows keep something; some rows are emptied below
+    if draw(st.booleans()):
+        where[-1, :] = False  # an all-masked row
+    # NaN and ±inf in masked entries must touch nothing.
+    junk = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30]))
+    a = np.where(where, a, junk)
+    b = np.where(where, b, -junk if np.isfinite(junk) else junk)
+    if draw(st.booleans()):  # −inf logits in kept entries (zero probability), never a whole q row
+        a[0, -1] = -np.inf
+    if draw(st.booleans()):  # a p row with no support (every logit −inf, nothing masked)
+        a[-1, :] = -np.inf
+    t = draw(st.sampled_from([1.0, 0.25, 3.0, 1e-3, 1e3]))
+    dtype = draw(st.sampled_from([np.float32, np.float32, jnp.bfloat16, np.float16]))
+    if dtype != np.float32 and scale > 1e4:  # 16-bit inputs: finite within their range
+        dtype = np.float32
+    return a, b, where, t, dtype
+
+
+def _value_and_grads(impl, a, b, where, t, traced):
+    def f(x, y, temp):
+        return jnp.sum(kldiv.kl_from_logits(x, y, where=where, temperature=temp, impl=impl))
+
+    temp = jnp.full(a.shape[:-1], t, jnp.float32) if traced else t
+    vals = kldiv.kl_from_logits(a, b, where=where, temperature=temp, impl=impl)
+    grads = jax.grad(f, argnums=(0, 1))(a, b, temp)
+    return np.asarray(vals, np.float64), [np.asarray(g, np.float64) for g in grads]
+
+
+def _run(case, traced):
+    a, b, where, t, dtype = case
+    with jax.enable_x64(False):
+        a_, b_ = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        results = {impl: _value_and_grads(impl, a_, b_, where, t, traced) for impl in IMPLS}
+    return results
+
+
+def _check(results, where):
+    ref_v, ref_g = results["xla"]
+    for impl, (v, g) in results.items():
+        assert not np.any(np.isnan(v)), (impl, v)
+        assert np.all(v >= 0), (impl, v)
+        finite_rows = np.isfinite(v)
+        for gi in g:
+            assert np.all(np.isfinite(gi[finite_rows])), (impl, gi)
+            assert np.all(gi[~where] == 0), impl
+        # Every impl equals the XLA path: relative in value, relative to the row's gradient
+        # scale in gradients (float32 arithmetic on differently ordered sums).
+        both = np.isfinite(v) & np.isfinite(ref_v)
+        np.testing.assert_array_equal(np.isinf(v), np.isinf(ref_v), err_msg=impl)
+        np.testing.assert_allclose(v[both], ref_v[both], rtol=2e-4, atol=1e-5, err_msg=impl)
+        for gi, ri in zip(g, ref_g, strict=True):
+            rows = finite_rows & np.isfinite(ref_v)
+            both_g = np.maximum(np.abs(ri[rows]), np.abs(gi[rows]))
+            scale = np.maximum(np.max(both_g, axis=-1, keepdims=True, initial=0), 1e-6)
+            np.testing.assert_allclose(
+                gi[rows] / scale, ri[rows] / scale, rtol=0, atol=2e-3, err_msg=impl
+            )
+
+
+@given(cases())
+def test_every_impl_same_semantics_python_temperature(case):
+    _check(_run(case, traced=False), case[2])
+
+
+@given(cases())
+def test_every_impl_same_semantics_traced_per_row_temperature(case):
+    _check(_run(case, traced=True), case[2])
+
+
+@given(cases(big=True))
+def test_logits_up_to_float32_max_stay_finite(case):
+    a, b, where, t, _ = case
+    case = (np.clip(a, -BIG, BIG), np.clip(b, -BIG, BIG), where, t, np.float32)
+    _check(_run(case, traced=False), where)
+
+
+@given(
+    hnp.arrays(np.float64, (2, 4), elements=st.floats(-4, 4, width=64)),
+    hnp.arrays(np.float64, (2, 4), elements=st.floats(-4, 4, width=64)),
+    st.sampled_from([0.5, 1.0, 2.0]),
+)
+@settings(max_examples=8)
+def test_gradients_match_float64_finite_differences(a, b, t):
+    where = np.array([[True, True, False, True], [True, True, True, True]])
+    for impl in ("xla", "chunked", "pallas"):
+
+        def f(x, y, impl=impl):
+            v = kldiv.kl_from_logits(x, y, where=where, temperature=t, impl=impl)
+            return jnp.sum(v * jnp.array([1.0, 2.0]))
+
+        ga, gb = jax.grad(f, argnums=(0, 1))(a, b)
+        eps = 1e-6
+        for x, g, which in ((a, ga, 0), (b, gb, 1)):
+            fd = np.zeros_like(x)
+            for idx in np.ndindex(x.shape):
+                d = np.zeros_like(x)
+                d[idx] = eps
+                args_p = (x + d, b) if which == 0 else (a, x + d)
+                args_m = (x - d, b) if which == 0 else (a, x - d)
+                fd[idx] = (f(*args_p) - f(*args_m)) / (2 * eps)
+            np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8, err_msg=impl)
+
+
+@pytest.mark.slow
+def test_slow_profile_is_available():
+    """``make test-slow`` sets KLDIV_HYPOTHESIS_PROFILE=slow for the properties above."""
+    assert settings.get_profile("slow").max_examples >= 300
