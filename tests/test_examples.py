@@ -15,6 +15,8 @@ import jax
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:  # the examples import their shared code as `_common`
+    sys.path.insert(0, str(EXAMPLES))
 
 
 def _load(name: str):
