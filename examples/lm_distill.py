@@ -5,8 +5,8 @@
     python examples/lm_distill.py --quick          # tiny models, few steps (tests)
 
 Data, with no download: the English text shipped with Python (``pydoc_data.topics``, the
-language reference's topic pages, ~465 KB) and, with ``--source-kb K``, the first K KB of the
-standard library's ``.py`` files (sorted by path). A byte-level BPE tokenizer is trained on it with
+language reference's topic pages, ~465 KB) and the first ``--source-kb`` KB (default 512; 0
+with ``--quick``) of the standard library's ``.py`` files (sorted by path). A byte-level BPE tokenizer is trained on it with
 the ``tokenizers`` package (vocabulary V including ``<pad>`` and ``<eos>``). Each document is cut
 into rows of ``seq_len`` + 1 tokens; a document's last row is padded with ``<pad>``, and the
 token mask (next-token target is real, not padding) goes into every loss, so padded positions
@@ -14,7 +14,7 @@ count nowhere. Every 10th row is held out for validation.
 
 Models: decoder-only pre-LayerNorm transformers in Flax NNX (learned positions, causal
 ``jax.nn.dot_product_attention``, GELU MLP, untied output projection ``head`` of shape
-``[d, V]``). A teacher (default 4 layers, d = 256) is trained on next-token cross-entropy; then
+``[d, V]``). A teacher (default 3 layers, d = 256) is trained on next-token cross-entropy; then
 students (default 2 layers, d = 128), all from the same initialisation and seeing the same
 batches, are trained with Optax AdamW:
 
@@ -381,12 +381,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     q = args.quick
     vocab = args.vocab or (512 if q else 8192)
-    seq_len = args.seq_len or (32 if q else 128)
-    batch = args.batch_size or (16 if q else 16)
-    teacher_steps = args.teacher_steps or (150 if q else 1500)
-    student_steps = args.student_steps or (100 if q else 1000)
-    source_kb = args.source_kb if args.source_kb is not None else (0 if q else 1024)
-    t_cfg = LMConfig(vocab, 64 if q else 256, 2 if q else 4, 2 if q else 4, seq_len)
+    seq_len = args.seq_len or (32 if q else 64)
+    batch = args.batch_size or 16
+    teacher_steps = args.teacher_steps or (150 if q else 400)
+    student_steps = args.student_steps or (100 if q else 300)
+    source_kb = args.source_kb if args.source_kb is not None else (0 if q else 512)
+    t_cfg = LMConfig(vocab, 64 if q else 256, 2 if q else 3, 2 if q else 4, seq_len)
     s_cfg = LMConfig(vocab, 32 if q else 128, 1 if q else 2, 2 if q else 4, seq_len)
     sweep = sorted({vocab, 4 * vocab} if q else {2048, 8192, 32768, vocab})
     os.makedirs(args.out, exist_ok=True)
