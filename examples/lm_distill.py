@@ -6,8 +6,9 @@
 
 Data, with no download: the English text shipped with Python (``pydoc_data.topics``, the
 language reference's topic pages, ~465 KB) and the first ``--source-kb`` KB (default 512; 0
-with ``--quick``) of the standard library's ``.py`` files (sorted by path). A byte-level BPE tokenizer is trained on it with
-the ``tokenizers`` package (vocabulary V including ``<pad>`` and ``<eos>``). Each document is cut
+with ``--quick``) of the standard library's ``.py`` files (sorted by path). A byte-level BPE
+tokenizer is trained on it with the ``tokenizers`` package (vocabulary V including ``<pad>`` and
+``<eos>``). Each document is cut
 into rows of ``seq_len`` + 1 tokens; a document's last row is padded with ``<pad>``, and the
 token mask (next-token target is real, not padding) goes into every loss, so padded positions
 count nowhere. Every 10th row is held out for validation.

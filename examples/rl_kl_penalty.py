@@ -7,7 +7,8 @@
 not exist a tiny one is trained here first. The policy π_θ starts at π_ref and is fine-tuned with
 REINFORCE on a reward that needs no data: the fraction of generated tokens that contain a digit
 (continuations of short prompts cut from the training text, generation stopping at ``<eos>``).
-Per step, B sequences are sampled from π_θ; with advantages A = R − mean(R) the loss is
+Per step, B sequences are sampled from π_θ; with advantages A = (R − mean R)/(std R + 10⁻³)
+(batch statistics) the loss is
 
     −mean_t[A · log π_θ(a_t)]  +  β · penalty,
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = steps if kind in TRAINED else 6  # "exact (logits)": timed only
         for i in tqdm(range(n), desc=kind, leave=False, mininterval=0.5):
             tokens, mask, reward, kl = rollout(params, jax.random.fold_in(key, i))
-            adv = reward - jnp.mean(reward)
+            adv = (reward - jnp.mean(reward)) / (jnp.std(reward) + 1e-3)
             t0 = time.perf_counter()
             params, opt_state, loss = step(params, opt_state, ref_params, tokens, mask, adv)
             jax.block_until_ready(loss)
