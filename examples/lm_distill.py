@@ -8,12 +8,13 @@ Data, with no download: the English text shipped with Python (``pydoc_data.topic
 language reference's topic pages, ~465 KB) and the first ``--source-kb`` KB (default 512; 0
 with ``--quick``) of the standard library's ``.py`` files (sorted by path). A byte-level BPE
 tokenizer is trained on it with the ``tokenizers`` package (vocabulary V including ``<pad>`` and
-``<eos>``). Each document is cut
-into rows of ``seq_len`` + 1 tokens; a document's last row is padded with ``<pad>``, and the
-token mask (next-token target is real, not padding) goes into every loss, so padded positions
-count nowhere. Every 10th row is held out for validation.
+``<eos>``). Each document is cut into rows of ``seq_len`` + 1 tokens; a document's last row is
+padded with ``<pad>``, and the token mask (next-token target is real, not padding) goes into every
+loss, so padded positions count nowhere. Every 10th row is held out for validation. (The
+``--quick`` mode uses only the first 24 topic pages.)
 
-Models: decoder-only pre-LayerNorm transformers in Flax NNX (learned positions, causal
+Models (full run: V = 8192, rows of 64 tokens, batches of 16 rows; ``--quick``: V = 512, d = 64
+and 32, rows of 32): decoder-only pre-LayerNorm transformers in Flax NNX (learned positions, causal
 ``jax.nn.dot_product_attention``, GELU MLP, untied output projection ``head`` of shape
 ``[d, V]``). A teacher (default 3 layers, d = 256) is trained on next-token cross-entropy; then
 students (default 2 layers, d = 128), all from the same initialisation and seeing the same

@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny policy, few steps (tests)")
     parser.add_argument("--ref", default=DEFAULT_CKPT, help="π_ref saved by lm_distill.py")
-    parser.add_argument("--steps", type=int, default=None, help="RL steps (default 200)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="RL steps (default 150; 40 with --quick)"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)
     parser.add_argument("--beta", type=float, default=0.2, help="KL penalty weight")
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     q = args.quick
-    steps = args.steps or (40 if q else 200)
-    batch = args.batch_size or (32 if q else 64)
+    steps = args.steps or (40 if q else 150)
+    batch = args.batch_size or 32
     lr = args.lr or (1e-2 if q else 3e-3)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
