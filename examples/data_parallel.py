@@ -36,10 +36,9 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import DEFAULT_OUT, init_mlp, load_digits_split, mlp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import kldiv
@@ -47,22 +46,7 @@ import kldiv
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 AXIS = "data"
-
-
-def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
-    params = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        w = jax.random.normal(jax.random.fold_in(key, i), (a, b), jnp.float32) / np.sqrt(a)
-        params.append({"w": w.astype(jnp.float32), "b": jnp.zeros((b,), jnp.float32)})
-    return params
-
-
-def mlp(params, x: jax.Array) -> jax.Array:
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
 
 
 def loss_fn(params, x, target_logits, mask, axis_name=None):
@@ -107,11 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     replicated = NamedSharding(mesh, P())
     global_batch = args.per_device_batch * n_dev
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=0.2, random_state=args.seed, stratify=digits.target
-    )
+    x_train, x_test, y_train, y_test = load_digits_split(args.seed)
     smooth = 0.1
     targets = np.log((1 - smooth) * np.eye(10)[y_train] + smooth / 10).astype(np.float32)
 

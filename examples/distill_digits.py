@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import DEFAULT_OUT, MLP, load_digits_split
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import kldiv.nnx
@@ -44,30 +43,7 @@ from kldiv.losses import distillation_loss
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 OBJECTIVES = ("hard labels", "forward", "reverse", "jsd")
-
-
-class MLP(nnx.Module):
-    """64 → hidden... → 10 logits, ReLU between layers."""
-
-    def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
-
-
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    return train_test_split(
-        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
-    )
 
 
 @nnx.jit
@@ -119,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
 
-    x_train, x_test, y_train, y_test = load_data(args.seed)
+    x_train, x_test, y_train, y_test = load_digits_split(args.seed)
     x_test_j, y_test_j = jnp.asarray(x_test), jnp.asarray(y_test)
     common = dict(batch_size=args.batch_size, x_test=x_test_j, y_test=y_test_j)
     eval_every = max(steps // 25, 1)

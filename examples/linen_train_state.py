@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import DEFAULT_OUT, load_digits_split
 from flax.training import train_state
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import kldiv
@@ -40,8 +39,6 @@ from kldiv.losses import distillation_loss
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
 class VAE(nn.Module):
@@ -101,11 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=0.2, random_state=args.seed, stratify=digits.target
-    )
+    x_train, x_test, y_train, y_test = load_digits_split(args.seed)
     n = x_train.shape[0]
     keys = jax.random.split(jax.random.key(args.seed), 3)
 

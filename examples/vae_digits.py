@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import DEFAULT_OUT, load_digits_split
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import kldiv
@@ -47,8 +46,6 @@ from kldiv.gaussian import kl_standard_normal
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
 class VAE(nnx.Module):
@@ -73,15 +70,6 @@ def bernoulli_log_likelihood(logits: jax.Array, x: jax.Array) -> jax.Array:
     return -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=-1)
 
 
-def load_data(seed: int):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)  # intensities 0..16 → [0, 1]
-    x_train, x_test, _, y_test = train_test_split(
-        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
-    )
-    return x_train, x_test, y_test
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="train steps (default 4000)")
@@ -96,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
 
-    x_train, x_test, y_test = load_data(args.seed)
+    x_train, x_test, _, y_test = load_digits_split(args.seed)  # intensities → [0, 1]
     n = x_train.shape[0]
     model = VAE(hidden, latent, rngs=nnx.Rngs(params=args.seed, sample=args.seed + 1))
     schedule = optax.cosine_decay_schedule(args.lr, steps, alpha=0.1)

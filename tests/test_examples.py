@@ -1,20 +1,27 @@
 """Runs each example in its reduced form (``--quick``) in-process and checks its metrics and PNGs.
 
-The data-parallel example needs several devices and runs in the multi-device invocation
+The language-model examples run as scripts in subprocesses (as a user runs them, without this
+suite's float64 mode); ``rl_kl_penalty`` starts from the student that ``lm_distill`` saves. The
+data-parallel example needs several devices and runs in the multi-device invocation
 (``XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest -m multidevice tests``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:  # the examples import their shared code as `_common`
+    sys.path.insert(0, str(EXAMPLES))
 
 
 def _load(name: str):
@@ -77,3 +84,91 @@ def test_data_parallel(tmp_path):
     assert m["max_rel_loss_diff"] < 1e-5 and m["max_rel_grad_diff"] < 1e-4
     assert m["final_loss"] < m["first_loss"]
     _assert_pngs(tmp_path, ["data_parallel_loss.png"])
+
+
+def _script(name: str, *args: str, timeout: float = 240.0) -> str:
+    """Runs ``python examples/<name>.py args...`` with this checkout first on the path."""
+    root = str(EXAMPLES.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def lm_distill_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm_distill")
+    stdout = _script("lm_distill", "--quick", "--out", str(out), "--ckpt", str(out / "s.npz"))
+    return out, json.loads((out / "lm_distill.json").read_text()), stdout
+
+
+def test_lm_distill(lm_distill_quick):
+    out, m, stdout = lm_distill_quick
+    ppl = m["val_ppl"]
+    assert all(math.isfinite(p) and p > 1 for p in ppl.values()), ppl
+    assert ppl["untrained student"] > 0.5 * m["vocab"]  # near-uniform at initialisation
+    for name in ("forward", "reverse", "jsd", "forward (logits)", "scratch"):
+        assert ppl[name] < 0.5 * ppl["untrained student"], (name, ppl)
+    assert ppl["teacher"] < ppl["scratch"]
+    # the fused loss and the one from materialised logits train the same student
+    assert m["max_abs_loss_diff_fused_vs_logits"] < 1e-3
+    assert abs(ppl["forward"] - ppl["forward (logits)"]) < 0.01 * ppl["forward"]
+    for key in ("fused", "logits"):
+        assert m["tokens_per_second"][key] > 0 and m["temp_bytes"][key] > 0
+    mem = m["memory_sweep"]
+    assert len(mem["vocab"]) == len(mem["fused"]) == len(mem["logits"]) >= 2
+    assert (out / "s.npz").is_file()
+    assert "validation perplexity" in stdout
+    _assert_pngs(out, ["lm_distill_loss.png", "lm_distill_perplexity.png", "lm_distill_memory.png"])
+
+
+def test_rl_kl_penalty(lm_distill_quick, tmp_path):
+    ckpt = lm_distill_quick[0] / "s.npz"
+    stdout = _script("rl_kl_penalty", "--quick", "--out", str(tmp_path), "--ref", str(ckpt))
+    m = json.loads((tmp_path / "rl_kl_penalty.json").read_text())
+    assert m["reference"] == str(ckpt)
+    final = m["final"]
+    assert set(final) == {"none", "k1", "k3", "k3 + k2 grad", "exact"}
+    for kind, f in final.items():
+        assert math.isfinite(f["kl"]) and f["kl"] >= 0, (kind, f)
+        assert math.isfinite(f["reward"]), (kind, f)
+    # a penalty whose gradient is that of KL(π‖π_ref) holds the policy closer than none at all
+    assert final["exact"]["kl"] < final["none"]["kl"]
+    assert final["k3 + k2 grad"]["kl"] < final["none"]["kl"]
+    assert m["exact_fused_vs_logits_max_rel_diff"] < 1e-4
+    for c in m["cost"].values():
+        assert c["temp_bytes"] > 0 and c["step_seconds"] > 0
+    assert "KL(π_θ‖π_ref)" in stdout
+    _assert_pngs(tmp_path, ["rl_kl_penalty.png", "rl_kl_penalty_cost.png"])
+
+
+def test_lm_distill_fused_loss_matches_logits():
+    """The example's fused JSD loss (hidden states, temperature, mask, hard labels) equals the
+    loss from materialised logits, value and gradient (forward KL: compared in the quick run)."""
+    import numpy as np
+    from flax import nnx
+
+    lm = _load("lm_distill")
+    t_graph, t_params = nnx.split(lm.LM(lm.LMConfig(64, 16, 1, 2, 8), rngs=nnx.Rngs(0)))
+    s_graph, s_params = nnx.split(lm.LM(lm.LMConfig(64, 8, 1, 2, 8), rngs=nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, 64, (3, 8)).astype(np.int32) for _ in range(2))
+    mask = np.ones((3, 8), bool)
+    mask[1, 5:] = False
+    opts = dict(direction="jsd", temperature=2.0, hard_weight=0.5)
+    fused = lm.fused_loss(s_graph, t_graph, **opts)
+    logits = lm.logits_loss(s_graph, t_graph, **opts)
+    va, ga = jax.jit(jax.value_and_grad(fused))(s_params, t_params, x, y, mask)
+    vb, gb = jax.jit(jax.value_and_grad(logits))(s_params, t_params, x, y, mask)
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
