@@ -226,8 +226,7 @@ def validate_probs(p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: st
     sums to 1 within ``atol``. Returns ``p`` unchanged, so it can wrap an argument inline. The check
     only takes effect under ``jax.experimental.checkify.checkify``::
 
-        from jax.core import Tracer
-from jax.experimental import checkify
+        from jax.experimental import checkify
         checked = checkify.checkify(lambda p, q: kldiv.kl(kldiv.validate_probs(p), q))
         err, value = jax.jit(checked)(p, q)
         err.throw()   # raises with the message below if p is not a distribution

@@ -203,7 +203,7 @@ def kl_from_logits(
         statistics (O(N) extra memory). ``"pallas"``: a Triton kernel on GPU; elsewhere Pallas
         interpret mode (slow, for tests). Both are reverse-mode only. ``"auto"`` (default)
         picks ``"pallas"`` on GPU, ``"chunked"`` for large inputs on CPU/TPU, else ``"xla"``
-        (:func:`choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
+        (:func:`kldiv.discrete.choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
         The chunked and Pallas paths keep the inputs in their storage dtype (e.g. bfloat16) and
         cast them to the compute dtype, divide by a Python-number temperature and apply
         ``where`` per row chunk / vocabulary block, so they hold no ``[N, V]`` float32 copy of

@@ -485,7 +485,7 @@ def kl_penalty_exact(
 
     Raises:
       TypeError, ValueError: as :func:`kldiv.kl_from_logits`; a ``mask`` that is not boolean or
-      does not broadcast to the per-position shape.
+        does not broadcast to the per-position shape.
 
     References:
       Kullback & Leibler (1951); J. Schulman (2020), "Approximating KL Divergence".

@@ -441,8 +441,9 @@ def kl_full(
       A zero on either diagonal (a singular covariance) is outside the domain.
 
     Raises:
-      TypeError: non-floating inputs. ValueError: non-square factors, mismatched event sizes or
-      batch axes (the message names every shape).
+      TypeError: non-floating inputs.
+      ValueError: non-square factors, mismatched event sizes or batch axes (the message names
+        every shape).
 
     References:
       Kullback & Leibler (1951); the Frobenius-norm form of the trace as in TensorFlow

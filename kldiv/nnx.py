@@ -181,8 +181,9 @@ def negative_elbo(
       widest input dtype.
 
     Raises:
-      TypeError: non-floating ``log_likelihood``. ValueError: ``log_likelihood`` not one value
-      per example (e.g. per pixel), or a reduction error from :func:`kldiv.reduce`.
+      TypeError: non-floating ``log_likelihood``.
+      ValueError: ``log_likelihood`` not one value per example (e.g. per pixel), or a reduction
+        error from :func:`kldiv.reduce`.
     """
     _checks.check_floating("log_likelihood", log_likelihood)
     log_likelihood = jnp.asarray(log_likelihood)

@@ -4,13 +4,13 @@ Every divergence in kldiv returns one value per example (the event axis is summe
 divergence). How those values become a loss is a modelling choice, so :func:`reduce` makes it an
 explicit argument with no default:
 
-==============  ==========================================================================
-``"none"``      the values, with masked positions set to 0
-``"sum"``       Σ_i m_i v_i
-``"mean"``      Σ_i m_i v_i / Σ_i m_i  (mean over kept positions; token mean for [B, T] values)
-``"batchmean"`` Σ_i m_i v_i / B        (B = size of the leading axis; torch's ``batchmean``)
-``"dataset"``   Σ_i m_i v_i · N / B    (N = ``dataset_size``; minibatch estimate of a dataset sum)
-==============  ==========================================================================
+===============  ==========================================================================
+``"none"``       the values, with masked positions set to 0
+``"sum"``        Σ_i m_i v_i
+``"mean"``       Σ_i m_i v_i / Σ_i m_i  (mean over kept positions; token mean for [B, T] values)
+``"batchmean"``  Σ_i m_i v_i / B        (B = size of the leading axis; torch's ``batchmean``)
+``"dataset"``    Σ_i m_i v_i · N / B    (N = ``dataset_size``; minibatch estimate of a dataset sum)
+===============  ==========================================================================
 
 ``"mean"`` over examples drawn from the data distribution is an unbiased estimate of
 E_x[KL(p(·|x) ‖ q(·|x))]. ``"dataset"`` is the minibatch estimator of a sum over a whole data set,

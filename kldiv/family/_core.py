@@ -203,6 +203,9 @@ class FGenerator(NamedTuple):
     slope_at_inf: float
 
 
+FGenerator.__module__ = "kldiv.family"  # documented (and pickled) under its public home
+
+
 def xlogx(t):
     pos = t > 0
     return jnp.where(pos, t * jnp.log(jnp.where(pos, t, 1)), 0)

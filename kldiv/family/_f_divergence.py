@@ -59,7 +59,7 @@ F_GENERATORS: dict[str, FGenerator] = {
     "pearson_chi2": FGenerator("pearson_chi2", _pearson_f, math.inf),
     "neyman_chi2": FGenerator("neyman_chi2", _neyman_f, 1.0),
 }
-"""Standard f-generators by name (parametrised families: :func:`js_generator`,
+"""Standard f-generators by name (the parametrised families are :func:`js_generator` and
 :func:`alpha_generator`). For normalised inputs ``f_divergence(p, q, F_GENERATORS[k])`` is:
 ``kl``: KL(p‖q) (f = t log t); ``reverse_kl``: KL(q‖p) (f = −log t); ``js``: JSD, β = ½;
 ``total_variation``: ½ Σ|p − q|; ``squared_hellinger``: ½ Σ(√p − √q)²; ``pearson_chi2``:
