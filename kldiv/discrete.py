@@ -195,15 +195,20 @@ def kl_from_logits(
       where: optional boolean mask; excluded entries are left out of both normalisers and the
         sum, exactly as if both logits were −inf, and whatever they hold (NaN, ±inf) touches
         neither value nor gradient.
-      temperature: T > 0; logits are divided by it before normalisation (a Python number ≤ 0
-        raises ValueError; a traced value is used as given). No T² factor is applied.
+      temperature: T > 0; logits are divided by it before normalisation, after centring each row
+        on its maximum (so every intermediate stays finite). A Python number, a scalar array or
+        one value per example (shape ``[...]``, the inputs' shape without ``axis``: annealed or
+        per-example temperatures). Concrete values must be finite and at least the compute
+        dtype's smallest normal number (ValueError); traced values are used as given (check
+        them with ``checkify`` if they can be ≤ 0). No T² factor is applied.
       impl: which implementation computes it; every one has the semantics above and passes the
         same tests. ``"xla"``: plain XLA ops with a closed-form JVP (supports forward mode).
         ``"chunked"``: rows in cache-sized chunks, custom VJP saving only the inputs and per-row
         statistics (O(N) extra memory). ``"pallas"``: a Triton kernel on GPU; elsewhere Pallas
         interpret mode (slow, for tests). Both are reverse-mode only. ``"auto"`` (default)
-        picks ``"pallas"`` on GPU, ``"chunked"`` for large inputs on CPU/TPU, else ``"xla"``
-        (:func:`kldiv.discrete.choose_logits_impl`); use ``"xla"`` for forward-mode derivatives.
+        picks only implementations verified on the backend: ``"chunked"`` for large inputs on
+        CPU, else ``"xla"`` (:func:`kldiv.discrete.choose_logits_impl`); use ``"xla"`` for
+        forward-mode derivatives.
         The chunked and Pallas paths keep the inputs in their storage dtype (e.g. bfloat16) and
         cast them to the compute dtype, divide by a Python-number temperature and apply
         ``where`` per row chunk / vocabulary block, so they hold no ``[N, V]`` float32 copy of
@@ -219,13 +224,19 @@ def kl_from_logits(
     Returns:
       KL per example (float32 for 16-bit inputs, else the input dtype). Entries with p = 0
       contribute 0 (also where both logits are −inf); p > 0 where q = 0 gives +inf. A row with no
-      entries left gives 0. Finite logits of any size (up to ±3e38 in float32) give finite values.
-      Gradients: d/dlogits_q = (softmax(b) − softmax(a))/T and
-      d/dlogits_p = p·(x − KL)/T, finite wherever the value is.
+      entries left gives 0, and so does a row where p has no support (every logit of
+      ``logits_p`` −inf): there is no reference distribution to match, exactly as if the row
+      were masked; its gradients are 0. An empty event axis gives 0. NaN in an entry that is not
+      masked gives NaN for its row, on every ``impl``. Finite logits of any size (up to ±3e38 in
+      float32) give finite values whenever the KL itself is representable. Gradients:
+      d/dlogits_q = (softmax(b) − softmax(a))/T and d/dlogits_p = p·(x − KL)/T, finite wherever
+      the value is.
 
     Raises:
-      TypeError: non-floating inputs or a non-boolean ``where``.
-      ValueError: shapes that do not broadcast; ``axis`` out of range; a Python temperature ≤ 0.
+      TypeError: non-floating inputs (Python lists of floats are accepted), a non-boolean
+        ``where``, a boolean or string ``temperature``.
+      ValueError: shapes that do not broadcast; ``axis`` out of range; a concrete temperature
+        that is not finite and positive, or an array temperature that is not one per example.
 
     References:
       Kullback & Leibler (1951); Hinton et al. (2015), "Distilling the knowledge in a neural
@@ -246,30 +257,51 @@ def kl_from_logits(
 # ---------------------------------------------------------------------------------------------
 # Dispatch over the implementations of kl_from_logits (impl=).
 
-# "auto" uses the chunked path on CPU/TPU from this many logits per input (N·V) on; below it the
+# "auto" uses the chunked path on CPU from this many logits per input (N·V) on; below it the
 # plain XLA path, which also supports forward-mode differentiation. Measured on a 2-core x86 CPU
 # (bench/suites/fused.py, case "crossover", forward+backward): chunked is ~10% faster at 2^16
 # logits, 1.3-1.9× at 2^18-2^20 and 2-4× from 2^22 on, where the XLA path's [N, V]
 # intermediates leave the cache.
 AUTO_CHUNKED_MIN_ELEMENTS = 2**18
 
+# Backends on which "auto" may pick each fused implementation: only those verified there by a
+# command in the repository (the CPU suite; `make gpu-check` on GPU). The Pallas kernel has not
+# yet passed `make gpu-check` on GPU hardware, and the chunked path has not been measured on GPU
+# or TPU, so "auto" uses the XLA path there.
+AUTO_VERIFIED: dict[str, tuple[str, ...]] = {"cpu": ("chunked",)}
+
 
 def choose_logits_impl(shape: tuple[int, ...], dtype=None, backend: str | None = None) -> str:
     """The implementation ``impl="auto"`` picks for aligned logits of ``shape``.
 
-    ``"pallas"`` on GPU; ``"chunked"`` on CPU/TPU when N·V ≥ ``AUTO_CHUNKED_MIN_ELEMENTS``;
-    else ``"xla"``. ``backend`` defaults to ``jax.default_backend()``.
+    Only implementations verified on the backend (``AUTO_VERIFIED``) are candidates: on CPU
+    ``"chunked"`` when N·V ≥ ``AUTO_CHUNKED_MIN_ELEMENTS``, else ``"xla"``; on GPU and TPU
+    ``"xla"`` until the fused paths pass their checks there (the README's implementation table
+    says which). ``backend`` defaults to ``jax.default_backend()``.
+
+    Examples:
+      >>> from kldiv.discrete import choose_logits_impl
+      >>> choose_logits_impl((1024, 32768), backend="cpu")
+      'chunked'
+      >>> choose_logits_impl((8, 100), backend="cpu")
+      'xla'
+      >>> choose_logits_impl((8192, 131072), backend="gpu")
+      'xla'
     """
     del dtype
     backend = jax.default_backend() if backend is None else backend
+    backend = "gpu" if backend in ("cuda", "rocm") else backend
     size = 1
     for d in shape:
         size *= int(d)
+    verified = AUTO_VERIFIED.get(backend, ())
     if size == 0:
         return "xla"
-    if backend in ("gpu", "cuda", "rocm"):
+    if "pallas" in verified:
         return "pallas"
-    return "chunked" if size >= AUTO_CHUNKED_MIN_ELEMENTS else "xla"
+    if "chunked" in verified and size >= AUTO_CHUNKED_MIN_ELEMENTS:
+        return "chunked"
+    return "xla"
 
 
 def _kl_from_aligned_logits(

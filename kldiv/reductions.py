@@ -85,12 +85,19 @@ def reduce(
       batch_size: explicit batch size B for ``"batchmean"`` and ``"dataset"``; used as given.
 
     Returns:
-      ``values`` with masked entries zeroed for ``"none"``, else a scalar. The dtype is that of
-      ``values``. A ``"mean"`` over zero kept positions is 0, not NaN.
+      ``values`` with masked entries zeroed for ``"none"``, else a scalar. Sums and counts are
+      accumulated in float32 at least: float32 comes out for 16-bit values (a float16 count of
+      70000 tokens would overflow), else the dtype of ``values``. A ``"mean"`` over zero kept
+      positions, and a ``"batchmean"``/``"dataset"`` of an empty batch, give 0, not NaN.
 
     Raises:
       ValueError: unknown reduction; mask that does not broadcast; missing or misplaced
-        ``dataset_size``/``count``/``batch_size``; ``"batchmean"``/``"dataset"`` on a scalar.
+        ``dataset_size``/``count``/``batch_size``; ``"batchmean"``/``"dataset"`` on a scalar;
+        a ``count`` < 0, ``batch_size`` or ``dataset_size`` ≤ 0 or any of them not a scalar;
+        numeric ``mask`` weights that are negative or NaN. Values known only under ``jit``
+        (traced counts and weights) cannot be checked and are used as given.
+      TypeError: a string or boolean ``count``/``batch_size``/``dataset_size``; a mask that is
+        neither boolean nor numeric.
     """
     _checks.check_choice("reduction", reduction, REDUCTIONS)
     values = jnp.asarray(values)

@@ -8,6 +8,8 @@ the Triton lowering, and the ``"auto"`` choice.
 
 from __future__ import annotations
 
+import re
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -386,25 +388,60 @@ def test_pallas_block_size():
     assert pallas.block_size(151936) == pallas.MAX_BLOCK
 
 
-@pytest.mark.parametrize("dtype,masked", [(jnp.float32, False), (jnp.bfloat16, True)])
-def test_pallas_lowers_to_triton(dtype, masked):
-    """The kernels lower to Triton IR for a CUDA target (no GPU needed to lower; compiling the
-    IR to machine code and running it needs one and is not covered here), also with bf16 inputs,
-    a boolean mask and a temperature applied inside the kernels."""
-    x = jax.ShapeDtypeStruct((64, 5000), dtype)
-    m = jax.ShapeDtypeStruct((64, 5000), jnp.bool_) if masked else None
-    t = 2.0 if masked else 1.0
+def _lower_for_gpu(shape, dtype, masked, t):
+    """StableHLO text of value_and_grad of the Pallas path lowered for a CUDA target, with the
+    production index width (no x64): no GPU is needed to lower."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    m = jax.ShapeDtypeStruct(shape, jnp.bool_) if masked else None
     f = jax.value_and_grad(
         lambda a, b, m: jnp.sum(
             pallas.kl_logits_pallas(a, b, where=m, temperature=t, interpret=False)
         ),
         (0, 1),
     )
-    try:
-        lowered = jax.jit(f).trace(x, x, m).lower(lowering_platforms=("cuda",))
-    except (ImportError, RuntimeError) as e:  # jaxlib without Triton/CUDA lowering support
-        pytest.skip(f"no Triton lowering available: {e}")
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and backward kernels
+    with jax.enable_x64(False):
+        try:
+            return jax.jit(f).trace(x, x, m).lower(lowering_platforms=("cuda",)).as_text()
+        except (ImportError, RuntimeError) as e:  # jaxlib without Triton/CUDA lowering support
+            pytest.skip(f"no Triton lowering available: {e}")
+
+
+def _kernel_calls(text: str) -> list[str]:
+    """The custom calls of the lowered module that carry one of our kernels (found by the
+    kernel names in their payload, whatever the custom-call target is called)."""
+    calls = re.findall(r"stablehlo\.custom_call @[^\n]*", text)
+    return [c for c in calls if "fwd_kernel" in c or "bwd_kernel" in c]
+
+
+@pytest.mark.parametrize("dtype,masked", [(jnp.float32, False), (jnp.bfloat16, True)])
+def test_pallas_lowers_for_gpu(dtype, masked):
+    """The kernels lower for a CUDA target (compiling to machine code and running need a GPU
+    and are `make gpu-check`'s job), also with bf16 inputs, a boolean mask and a temperature
+    applied inside the kernels: one forward and one backward kernel."""
+    calls = _kernel_calls(_lower_for_gpu((64, 5000), dtype, masked, 2.0 if masked else 1.0))
+    assert len(calls) == 2
+    assert sum("bwd_kernel" in c for c in calls) == 1
+
+
+def test_pallas_operands_get_64_bit_offsets_at_large_sizes():
+    """At [16384, 151936] (N·V ≥ 2^31) a one-byte mask would be indexed with wrapping 32-bit
+    offsets; it is widened to two bytes, so that every operand exceeds 2^32 bytes and gets
+    64-bit offsets. Lowered with the production index width (no x64)."""
+    n, v = 16384, 151936
+    assert pallas.wide_offsets_dtype(jnp.bool_, n * v) == jnp.int16
+    assert pallas.wide_offsets_dtype(jnp.bool_, 1024 * v) == jnp.bool_
+    assert pallas.wide_offsets_dtype(jnp.bfloat16, n * v) == jnp.bfloat16
+    assert pallas.wide_offsets_dtype(jnp.float8_e4m3fn, n * v) == jnp.bfloat16
+    text = _lower_for_gpu((n, v), jnp.bfloat16, True, 1.0)
+    calls = _kernel_calls(text)
+    assert len(calls) == 2
+    for call in calls:
+        operands = re.findall(r"tensor<(\d+)x(\d+)x(\w+)>", call)
+        big = [(int(a) * int(b), t) for a, b, t in operands if int(a) * int(b) >= 2**31]
+        assert big, call[:200]
+        for size, t in big:
+            itemsize = {"i1": 1, "i8": 1, "i16": 2, "bf16": 2, "f16": 2, "f32": 4}[t]
+            assert size * itemsize > 2**32, (size, t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,9 +450,12 @@ def test_pallas_lowers_to_triton(dtype, masked):
 
 def test_auto_choice():
     big = (1024, 32768)
-    assert discrete.choose_logits_impl(big, backend="gpu") == "pallas"
+    # Only implementations verified on a backend are picked: the Pallas kernel has not passed
+    # `make gpu-check` on GPU hardware, and the chunked path was measured on CPU only.
+    assert discrete.choose_logits_impl(big, backend="gpu") == "xla"
+    assert discrete.choose_logits_impl(big, backend="cuda") == "xla"
     assert discrete.choose_logits_impl(big, backend="cpu") == "chunked"
-    assert discrete.choose_logits_impl(big, backend="tpu") == "chunked"
+    assert discrete.choose_logits_impl(big, backend="tpu") == "xla"
     assert discrete.choose_logits_impl((4, 100), backend="cpu") == "xla"
     assert discrete.choose_logits_impl((0, 100), backend="gpu") == "xla"
     n = discrete.AUTO_CHUNKED_MIN_ELEMENTS

@@ -158,7 +158,7 @@ def test_hard_label_cross_entropy_in_the_same_pass(reduction):
     # hard term only: the mean token cross-entropy (scipy reference).
     hs, ws, ht, wt = _inputs()
     out = fused_linear_kl(
-        hs, ws, ht, wt, reduction="mean", labels=labels, hard_weight=1.0, soft_weight=0.0
+        ht, wt, hs, ws, reduction="mean", labels=labels, hard_weight=1.0, soft_weight=0.0
     )
     keep = labels != -100
     ce = -scipy.special.log_softmax(hs @ ws, -1)[np.arange(N), np.maximum(labels, 0)]
@@ -170,7 +170,7 @@ def test_temperature_squared_scaling():
     hs, ws, ht, wt = _inputs()
     a = fused_linear_kl(ht, wt, hs, ws, reduction="sum", temperature=3.0)
     b = fused_linear_kl(
-        hs, ws, ht, wt, reduction="sum", temperature=3.0, scale_by_temperature_squared=True
+        ht, wt, hs, ws, reduction="sum", temperature=3.0, scale_by_temperature_squared=True
     )
     np.testing.assert_allclose(b, 9.0 * a, rtol=1e-12)
     # a traced temperature (annealing schedules) is accepted.

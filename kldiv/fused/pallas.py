@@ -76,7 +76,7 @@ def _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, centers=None):
     block (or None), indices, in-row mask."""
     a, idx, mask = _load(a_ref, i, block, -jnp.inf)
     b, _, _ = _load(b_ref, i, block, -jnp.inf)
-    w = None if w_ref is None else _load(w_ref, i, block, False)[0]
+    w = None if w_ref is None else _load(w_ref, i, block, 0)[0] != 0
     if centers is None:
         a, b = (temper_and_mask(x, dtype, 1.0, w) for x in (a, b))
     else:
@@ -174,6 +174,28 @@ def _call(kernel, n, v, n_in_rows, n_in_scalars, out_shapes, out_specs, block, i
     )
 
 
+# Pallas' Triton lowering indexes an operand with 32-bit element offsets unless the operand is
+# larger than 2^32 bytes; the offsets are signed in the pointer arithmetic, so a one-byte operand
+# (the boolean mask, a float8 input) of 2^31 ≤ N·V ≤ 2^32 elements would wrap and read out of
+# bounds (e.g. [16384, 151936]). Operands of two or more bytes switch to 64-bit offsets before
+# their element offsets can reach 2^31.
+_INT32_OFFSETS = 2**31
+
+
+def wide_offsets_dtype(dtype, n_elements: int):
+    """The dtype an operand of ``n_elements`` is passed to the kernel in: one-byte dtypes are
+    widened to two bytes (bool → int16, float8 → bfloat16) once their offsets could wrap."""
+    dtype = jnp.dtype(dtype)
+    if n_elements < _INT32_OFFSETS or dtype.itemsize > 1:
+        return dtype
+    return jnp.dtype(jnp.int16) if dtype == jnp.bool_ else jnp.dtype(jnp.bfloat16)
+
+
+def _wide_offsets(x):
+    dtype = wide_offsets_dtype(x.dtype, x.size)
+    return x if dtype == x.dtype else x.astype(dtype)
+
+
 def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     """An output of ``shape`` and ``dtype`` varying over the same ``shard_map`` axes as ``like``
     (the inputs agree after ``match_vma``): Pallas needs it inside ``shard_map`` with
@@ -255,6 +277,7 @@ def kl_logits_pallas(
         return kl_logits_aligned(a, b, where, t)
     a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
     w2 = None if where is None else where.reshape(-1, v)
+    a2, b2, w2 = (None if x is None else _wide_offsets(x) for x in (a2, b2, w2))
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
     a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
