@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BSTAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench lint format clean examples
+.PHONY: test bench lint format clean examples gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: lint
 bench: $(BSTAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.report > bench/results/REPORT.md
+
+# On a GPU machine (no network there: bring the peers' wheels, see bench/gpu.py).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu
 
 examples: $(STAMP)
 	$(BIN)/python examples/vae_digits.py
