@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BSTAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench lint format clean examples gpu-check
+.PHONY: test bench bench-full test-slow lint format clean examples gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,9 +32,24 @@ test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -m multidevice tests
 	$(MAKE) docs
 
+# Headline rows with every peer, in minutes on 2 cores; the sweeps (scaling, cross-over, the
+# full-covariance Gaussian pair whose TFP/distrax gradients can hang) are in bench-full.
+BENCH_QUICK := --suites logits,fused,gaussian --fused-cases target_logits,target_linear,penalty \
+	--gaussian-cases diag_standard_normal,diag_pair,full_shared_prior --gaussian-rounds 3 \
+	--gaussian-timeout 60 --repeats 5
+
 bench: $(BSTAMP)
+	$(BIN)/python -m bench $(BENCH_QUICK)
+	$(BIN)/python -m bench.report > bench/results/REPORT.md
+
+bench-full: $(BSTAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.report > bench/results/REPORT.md
+
+# The property suite with a large example budget (make test runs the default budget).
+test-slow: $(STAMP)
+	KLDIV_HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_properties.py -m "slow or not slow"
 
 # On a GPU machine (no network there: bring the peers' wheels, see bench/gpu.py).
 gpu-check: $(STAMP)
