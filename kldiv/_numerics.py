@@ -123,9 +123,28 @@ def log_ratio_probs(p: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.where(close, near, far)
 
 
+def check_axis_name(axis_name) -> None:
+    """ValueError naming ``axis_name`` unless each of its names is bound here (inside
+    ``jax.shard_map``, ``pmap`` or ``vmap`` with that axis name); JAX's own error is a bare
+    assertion."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except Exception:  # NameError or AssertionError, depending on the JAX version
+            raise ValueError(
+                f"kldiv: `axis_name`={axis_name!r} names no mapped axis here; call it inside "
+                f"jax.shard_map (or pmap/vmap) over an axis named {name!r}, or pass "
+                "axis_name=None."
+            ) from None
+
+
 def psum(x: jax.Array, axis_name=None) -> jax.Array:
     """``jax.lax.psum`` over ``axis_name``, or ``x`` itself when it is None."""
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+    if axis_name is None:
+        return x
+    check_axis_name(axis_name)
+    return jax.lax.psum(x, axis_name)
 
 
 def _varying_axes(x) -> frozenset:
@@ -177,6 +196,7 @@ def safe_max(x: jax.Array, axis: int = -1, axis_name=None) -> jax.Array:
     """
     m = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
     if axis_name is not None:
+        check_axis_name(axis_name)
         m = jax.lax.pmax(m, axis_name)
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 

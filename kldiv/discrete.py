@@ -316,8 +316,9 @@ def _kl_from_aligned_logits(
     if impl == "xla":
         return kl_logits_aligned(a, b, where, temperature)
     t = static_temperature(temperature)
-    if t is None:  # an array temperature: applied here, so that its gradient flows (full copy)
-        a, b = temper_and_mask_pair(a, b, temperature)
+    if t is None:  # an array temperature: applied here, so that its gradient flows (full copy);
+        # masked first, so that whatever a masked entry holds never meets the T derivative
+        a, b = temper_and_mask_pair(a, b, temperature, where)
         t = 1.0
     if impl == "chunked":
         return kl_logits_chunked(a, b, where=where, temperature=t)

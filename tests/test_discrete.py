@@ -473,3 +473,109 @@ def test_masked_infinite_example_does_not_poison_gradients(impl):
     check(kldiv.kl, p, q)
     check(kldiv.kl_from_log_probs, jnp.log(p), jnp.log(q))
     check(lambda a, b: kldiv.kl_from_logits(a, b, impl=impl), jnp.log(p), jnp.log(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge classes (each fixed once, in the shared tempering/numerics), on every implementation.
+# tests/test_properties.py draws them at random; these are the named cases.
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_temperature_with_large_finite_logits(impl):
+    with jax.enable_x64(False):
+        x = _f32([[0.0, 0.0, 1e10]])
+        assert float(kldiv.kl_from_logits(x, x, temperature=3.0, impl=impl)[0]) == 0.0
+        g = jax.grad(lambda a: kldiv.kl_from_logits(a, x + 1, temperature=3.0, impl=impl)[0])(x)
+        assert np.all(np.isfinite(g))
+        # Near the float32 maximum with T < 1: finite where the KL is representable.
+        a, b = _f32([[3e38, 2.9e38, 0.0]]), _f32([[2.9e38, 3e38, 0.0]])
+        v = kldiv.kl_from_logits(a, b, temperature=0.5, impl=impl)
+        assert np.isinf(v[0]) or np.isfinite(v[0])
+        assert not np.isnan(v[0])
+        same = kldiv.kl_from_logits(a, a, temperature=0.5, impl=impl)
+        assert float(same[0]) == 0.0
+        # A tiny T: finite gradients where the value is finite.
+        p, q = _f32([[0.0, 1.0, 2.0]]), _f32([[2.0, 1.0, 0.0]])
+        g = jax.grad(lambda b: kldiv.kl_from_logits(p, b, temperature=1e-30, impl=impl)[0])(q)
+        assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 1e29
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traced_temperature_gradient_with_inf_and_masked_nan(impl):
+    with jax.enable_x64(False):
+        a = _f32([[0.0, -np.inf, 1.0, np.nan], [2.0, 1.0, -np.inf, np.nan]])
+        b = _f32([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+        where = np.array([[True, True, True, False]] * 2)
+
+        def f(t):
+            return jnp.sum(kldiv.kl_from_logits(a, b, where=where, temperature=t, impl=impl))
+
+        for t in (jnp.float32(2.0), jnp.array([2.0, 0.5], jnp.float32)):  # scalar, per row
+            g = jax.grad(f)(t)
+            assert np.all(np.isfinite(g)), g
+        eps = 1e-3
+        fd = (f(jnp.float32(2.0 + eps)) - f(jnp.float32(2.0 - eps))) / (2 * eps)
+        np.testing.assert_allclose(jax.grad(f)(jnp.float32(2.0)), fd, rtol=2e-2)
+        # vmap over per-row temperatures
+        per_row = jax.vmap(
+            jax.grad(lambda t, x, y, w: kldiv.kl_from_logits(x, y, where=w, temperature=t)),
+        )(jnp.array([2.0, 0.5]), a, b, where)
+        assert np.all(np.isfinite(per_row))
+
+
+def test_per_row_temperature_and_bad_temperatures():
+    rng = _rng(40)
+    a, b = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    t = np.array([1.0, 2.0, 0.5])
+    want = [kldiv.kl_from_logits(a[i], b[i], temperature=t[i]) for i in range(3)]
+    np.testing.assert_allclose(kldiv.kl_from_logits(a, b, temperature=t), want, rtol=1e-12)
+    for bad, err in (("2", TypeError), (True, TypeError), (0.0, ValueError), (-1, ValueError),
+                     (np.nan, ValueError), (np.ones(4), ValueError)):  # fmt: skip
+        with pytest.raises(err, match="temperature"):
+            kldiv.kl_from_logits(a, b, temperature=bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_finite_values_that_overflow_intermediates(impl):
+    with jax.enable_x64(False):
+        a, b = _f32([[2e38, 2e38]]), _f32([[2e38, -2e38]])
+        v = kldiv.kl_from_logits(a, b, impl=impl)
+        np.testing.assert_allclose(v, [2e38], rtol=1e-6)
+        g = jax.grad(lambda y: kldiv.kl_from_logits(a, y, impl=impl)[0])(b)
+        assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_p_row_without_support_gives_zero(impl):
+    a = np.full((2, 4), -np.inf)
+    a[1] = [0.0, 1.0, 2.0, 3.0]
+    b = _rng(41).normal(size=(2, 4))
+    v = kldiv.kl_from_logits(a, b, impl=impl)
+    assert v[0] == 0 and v[1] > 0
+    ga, gb = jax.grad(lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl=impl)), (0, 1))(a, b)
+    assert np.all(ga[0] == 0) and np.all(gb[0] == 0)
+    masked = kldiv.kl_from_logits(b, b[::-1], where=np.zeros((2, 4), bool), impl=impl)
+    np.testing.assert_array_equal(masked, [0.0, 0.0])  # the all-masked row agrees
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_in_unmasked_input_propagates(impl):
+    a = np.array([[0.0, np.nan, 1.0], [0.0, 1.0, 2.0]])
+    b = np.zeros((2, 3))
+    v = kldiv.kl_from_logits(a, b, impl=impl)
+    assert np.isnan(v[0]) and np.isfinite(v[1])
+    v = kldiv.kl_from_logits(b, a, impl=impl)
+    assert np.isnan(v[0]) and np.isfinite(v[1])
+
+
+def test_array_likes_and_empty_vocabulary():
+    np.testing.assert_allclose(
+        kldiv.kl([0.5, 0.5], [0.25, 0.75]), 0.5 * np.log(2) + 0.5 * np.log(2 / 3), rtol=1e-12
+    )
+    np.testing.assert_array_equal(kldiv.kl_from_logits(np.zeros((3, 0)), np.zeros((3, 0))), 0)
+    with pytest.raises(TypeError, match="logits_p"):
+        kldiv.kl_from_logits("ab", [1.0])

@@ -244,3 +244,22 @@ def test_errors():
         mc_kl(key, sample_p, log_p, lambda z: log_p(z)[:5], 10)
     with pytest.raises(TypeError, match="log_q_fn"):
         mc_kl(key, sample_p, log_p, lambda z: jnp.zeros(z.shape[0], jnp.int32), 10)
+
+
+def test_num_samples_beyond_int32_products():
+    """(n − 1)·n overflows int32 from n = 46342 on; the standard error must stay right."""
+    from jax.scipy.stats import norm
+
+    import kldiv
+
+    for n in (46342, 100_001):
+        est = kldiv.mc_kl(
+            jax.random.key(0),
+            lambda k, m: jax.random.normal(k, (m,)),
+            norm.logpdf,
+            lambda z: norm.logpdf(z, 1.0),
+            n,
+            chunk_size=7000 if n > 50000 else None,
+        )
+        assert np.isfinite(est.stderr) and 0 < float(est.stderr) < 0.01
+        assert abs(float(est.value) - 0.5) < 5 * float(est.stderr)

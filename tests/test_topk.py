@@ -180,3 +180,22 @@ def test_errors():
     bad[1, 0] = 50
     with pytest.raises(checkify.JaxRuntimeError, match="outside"):
         f(bad, lp, s)[0].throw()
+
+
+def test_out_of_range_ids_never_alias_and_the_tail_is_exact_at_mass_one():
+    s = jnp.array([[0.0, 1.0, 2.0, 3.0], [0.5, 0.0, 0.0, 1.0]])
+    lp = jnp.log(jnp.array([[0.7, 0.3], [0.6, 0.4]]))  # all the mass in the top 2: empty tail
+    ids = jnp.array([[3, 2], [0, 3]])
+    for tail in ("renormalize", "bucket"):
+        f = lambda lp, s, tail=tail: kl_topk_teacher(ids, lp, s, tail=tail, reduction="sum")  # noqa: E731
+        g = jax.grad(f, (0, 1))(lp, s)
+        assert all(np.all(np.isfinite(x)) for x in g)
+        for bad in (-1, 4):  # a negative id must not mean id V−1; an id ≥ V must not read junk
+            v = kl_topk_teacher(ids.at[0, 1].set(bad), lp, s, tail=tail, reduction="none")
+            assert np.isnan(v[0]) and np.isfinite(v[1])
+    # the bucket tail at mass 1 is the renormalised KL plus the student's tail mass term
+    full = kl_topk_teacher(ids, lp, s, tail="bucket", reduction="none")
+    q = jax.nn.softmax(s)
+    q_k = jnp.take_along_axis(q, ids, -1)
+    want = jnp.sum(jnp.exp(lp) * (lp - jnp.log(q_k)), -1)
+    np.testing.assert_allclose(full, want, rtol=1e-10)
