@@ -203,7 +203,7 @@ def negative_elbo(
     Examples:
       >>> import jax.numpy as jnp
       >>> import kldiv.nnx
-      >>> log_likelihood = jnp.array([-10.0, -12.0])  # log p(x|z) per example, [B]
+      >>> log_likelihood = jnp.array([-10.0, -12.0])  # one log-likelihood per example, [B]
       >>> mean = jnp.array([[0.0, 0.0], [0.5, -1.0]])  # the encoder's μ, [B, D]
       >>> log_var = jnp.array([[0.0, 0.0], [-0.5, 0.2]])
       >>> loss = kldiv.nnx.negative_elbo(log_likelihood, mean, log_var, reduction="mean")
