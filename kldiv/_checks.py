@@ -233,6 +233,20 @@ def validate_probs(p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: st
 
     Outside ``checkify`` a ``checkify.check`` inside ``jit`` raises a trace-time error, so use
     it only in checked functions.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> from jax.experimental import checkify
+      >>> def checked_kl(p, q):
+      ...     return kldiv.kl(kldiv.validate_probs(p), q)
+      >>> q = jnp.array([0.25, 0.75])
+      >>> err, value = checkify.checkify(checked_kl)(jnp.array([0.5, 0.5]), q)
+      >>> print(err.get(), f"{value:.4f}")
+      None 0.1438
+      >>> err, _ = checkify.checkify(checked_kl)(jnp.array([0.5, 0.6]), q)
+      >>> print(err.get())
+      kldiv: `p` does not sum to 1 along axis 0 within atol=0.0001 (worst total 1.1...)...
     """
     check_floating(name, p)
     p = jnp.asarray(p)
@@ -249,7 +263,22 @@ def validate_probs(p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: st
 def validate_log_probs(
     log_p: ArrayLike, *, axis: int = -1, atol: float = 1e-4, name: str = "log_p"
 ) -> jax.Array:
-    """Like :func:`validate_probs` for log-probabilities: no NaN or +inf, logsumexp ≈ 0."""
+    """Like :func:`validate_probs` for log-probabilities: no NaN or +inf, logsumexp ≈ 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> from jax.experimental import checkify
+      >>> def checked_kl(log_p, log_q):
+      ...     return kldiv.kl_from_log_probs(kldiv.validate_log_probs(log_p), log_q)
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))
+      >>> err, value = checkify.checkify(checked_kl)(jnp.log(jnp.array([0.5, 0.5])), log_q)
+      >>> print(err.get(), f"{value:.4f}")
+      None 0.1438
+      >>> err, _ = checkify.checkify(checked_kl)(jnp.array([0.0, 0.0]), log_q)
+      >>> print(err.get())
+      kldiv: exp(`log_p`) does not sum to 1 along axis 0 within atol=0.0001 (worst total 2...)...
+    """
     check_floating(name, log_p)
     log_p = jnp.asarray(log_p)
     axis = check_axis(axis, log_p.ndim)

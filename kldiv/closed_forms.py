@@ -90,6 +90,15 @@ def kl_bernoulli_from_logits(logits_p: ArrayLike, logits_q: ArrayLike) -> jax.Ar
     Raises:
       TypeError: non-floating inputs. ValueError: shapes that do not broadcast.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logits_p = jnp.array([0.0, 2.0, -1.0])  # reference / target
+      >>> logits_q = jnp.array([1.0, 2.0, 1.0])  # model
+      >>> print(np.asarray(kldiv.kl_bernoulli_from_logits(logits_p, logits_q)).round(4))
+      [0.1201 0.     0.4621]
+
     References:
       Cover & Thomas (2006), "Elements of Information Theory", eq. (2.26) (relative entropy
       of two distributions on {0, 1}).
@@ -213,6 +222,18 @@ def kl_dirichlet(concentration_p: ArrayLike, concentration_q: ArrayLike) -> jax.
 
     Raises:
       TypeError: non-floating inputs. ValueError: shapes that do not broadcast, or scalars.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> alpha = jnp.array([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])  # a batch of two, K = 3
+      >>> prior = jnp.array([1.0, 1.0, 1.0])  # one Dir(1, 1, 1) for the whole batch
+      >>> kl = kldiv.kl_dirichlet(alpha, prior)
+      >>> kl.shape
+      (2,)
+      >>> print(np.asarray(kl).round(4))
+      [0.5512 0.2443]
 
     References:
       Penny (2001), "KL-divergences of Normal, Gamma, Dirichlet and Wishart densities",

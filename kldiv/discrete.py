@@ -121,6 +121,27 @@ def kl(p: ArrayLike, q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = 
       TypeError: non-floating inputs or a non-boolean ``where``.
       ValueError: shapes that do not broadcast; ``axis`` out of range.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # reference / target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.kl(p, q):.4f}")
+      0.1438
+
+      One value per example (the event axis is summed away); aggregate explicitly:
+
+      >>> p = jnp.array([[0.5, 0.5], [0.9, 0.1]])
+      >>> q = jnp.array([[0.25, 0.75], [0.9, 0.1]])
+      >>> values = kldiv.kl(p, q)
+      >>> values.shape
+      (2,)
+      >>> print(np.asarray(values).round(4))
+      [0.1438 0.    ]
+      >>> print(f"{kldiv.reduce(values, 'mean'):.4f}")
+      0.0719
+
     References:
       Kullback & Leibler (1951); Csiszár (1991), "Why least squares and maximum entropy?", for
       the generalised form.
@@ -156,6 +177,20 @@ def kl_from_log_probs(
     Raises:
       TypeError: non-floating inputs or a non-boolean ``where``.
       ValueError: shapes that do not broadcast; ``axis`` out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # reference / target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.kl_from_log_probs(log_p, log_q):.4f}")
+      0.1438
+
+      An entry with log p = −inf contributes 0:
+
+      >>> log_p = jnp.array([0.0, -jnp.inf])
+      >>> print(f"{kldiv.kl_from_log_probs(log_p, log_q):.4f}")
+      1.3863
 
     References:
       Kullback & Leibler (1951).
@@ -237,6 +272,26 @@ def kl_from_logits(
         ``where``, a boolean or string ``temperature``.
       ValueError: shapes that do not broadcast; ``axis`` out of range; a concrete temperature
         that is not finite and positive, or an array temperature that is not one per example.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> teacher = jnp.array([[2.0, 1.0, 0.1], [0.5, 0.5, 0.5]])
+      >>> student = jnp.array([[1.5, 1.5, 0.0], [1.0, 0.0, 0.0]])
+      >>> values = kldiv.kl_from_logits(teacher, student)  # KL(teacher ‖ student) per row
+      >>> print(np.asarray(values).round(4))
+      [0.1    0.1195]
+      >>> soft = kldiv.kl_from_logits(teacher, student, temperature=2.0)
+      >>> print(f"{kldiv.reduce(soft, 'mean'):.4f}")
+      0.0268
+
+      ``where`` leaves vocabulary entries out of both softmaxes:
+
+      >>> keep = jnp.array([True, True, False])
+      >>> masked = kldiv.kl_from_logits(teacher, student, where=keep)
+      >>> print(np.asarray(masked).round(4))
+      [0.1109 0.1201]
 
     References:
       Kullback & Leibler (1951); Hinton et al. (2015), "Distilling the knowledge in a neural

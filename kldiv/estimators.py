@@ -179,15 +179,24 @@ _ARGS_DOC = """
     Raises:
       TypeError: non-floating inputs; a non-numeric ``mask``.
       ValueError: shapes that do not broadcast; a clip or maximum that is not > 0.
+"""
 
+_REFERENCES_DOC = """
     References:
       J. Schulman (2020), "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
 """
 
+_EXAMPLES = "\n    Examples:\n"
+
 
 def _with_args_doc(f):
+    """Completes the docstring in Google-style order: the function's own text, the shared
+    Args/Returns/Raises, the function's own ``Examples:`` (written last in its docstring), and
+    the shared References."""
     if f.__doc__ is not None:  # docstrings are stripped under python -OO
-        f.__doc__ += _ARGS_DOC
+        text, marker, examples = f.__doc__.partition(_EXAMPLES)
+        examples = marker + examples.rstrip() + "\n" if marker else ""
+        f.__doc__ = text.rstrip() + "\n" + _ARGS_DOC + examples + _REFERENCES_DOC
     return f
 
 
@@ -206,6 +215,19 @@ def kl_k1(
     (tokens fixed) its gradient is ∇_θ log π_θ(a), whose expectation is 0: it does not minimise
     the KL (see the module docstring). A −inf reference log-probability gives +inf; a −inf policy
     log-probability (a token the policy cannot sample) gives −inf.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logp_policy = jnp.array([-0.5, -1.0, -2.0, -0.1])  # log π_θ(a), sampled tokens
+      >>> logp_ref = jnp.array([-0.7, -0.8, -2.5, -0.1])  # log π_ref(a), same tokens
+      >>> print(np.asarray(kldiv.kl_k1(logp_policy, logp_ref)).round(4))
+      [ 0.2 -0.2  0.5  0. ]
+      >>> mask = jnp.array([True, True, True, False])  # e.g. padding
+      >>> k1 = kldiv.kl_k1(logp_policy, logp_ref, mask=mask)
+      >>> print(f"{kldiv.reduce(k1, 'mean', mask=mask):.4f}")
+      0.1667
     """
     return _estimate("k1", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
@@ -227,6 +249,15 @@ def kl_k2(
     ∇_θ KL(π_θ‖π_ref) — the estimator to use when the penalty is optimised by differentiating it
     directly. It overflows to +inf only for |log r| > √(2·finfo.max) or an infinite log r; the
     derivative saturates at ±finfo.max.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logp_policy = jnp.array([-0.5, -1.0, -2.0, -0.1])  # log π_θ(a), sampled tokens
+      >>> logp_ref = jnp.array([-0.7, -0.8, -2.5, -0.1])  # log π_ref(a), same tokens
+      >>> print(np.asarray(kldiv.kl_k2(logp_policy, logp_ref)).round(4))
+      [0.02  0.02  0.125 0.   ]
     """
     return _estimate("k2", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
@@ -255,6 +286,17 @@ def kl_k3(
     +inf — the correctly rounded value of e^{log r} − 1 − log r — and the gradient saturates at
     ∓finfo.max (finite, not NaN); pass ``log_ratio_clip`` and/or ``max_value`` for finite
     penalties.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logp_policy = jnp.array([-0.5, -1.0, -2.0, -0.1])  # log π_θ(a), sampled tokens
+      >>> logp_ref = jnp.array([-0.7, -0.8, -2.5, -0.1])  # log π_ref(a), same tokens
+      >>> print(np.asarray(kldiv.kl_k3(logp_policy, logp_ref)).round(4))
+      [0.0187 0.0214 0.1065 0.    ]
+      >>> print(np.asarray(kldiv.kl_k3(logp_policy, logp_ref, max_value=0.05)).round(4))
+      [0.0187 0.0214 0.05   0.    ]
     """
     return _estimate("k3", logp_policy, logp_ref, mask, log_ratio_clip, max_value)
 
@@ -302,6 +344,25 @@ def kl_straight_through(
 
     Raises:
       TypeError, ValueError: as :func:`kl_k3`; an unknown estimator name.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logp_policy = jnp.array([-0.5, -1.0, -2.0, -0.1])  # log π_θ(a), sampled tokens
+      >>> logp_ref = jnp.array([-0.7, -0.8, -2.5, -0.1])  # log π_ref(a), same tokens
+      >>> st = kldiv.kl_straight_through(logp_policy, logp_ref, value="k3", grad="k2")
+      >>> print(np.asarray(st).round(4))  # k3's values
+      [0.0187 0.0214 0.1065 0.    ]
+      >>> def loss(lp, estimator):
+      ...     return jnp.sum(estimator(lp, logp_ref))
+      >>> def st_k3_k2(lp, ref):
+      ...     return kldiv.kl_straight_through(lp, ref, value="k3", grad="k2")
+      >>> print(np.asarray(jax.grad(loss)(logp_policy, st_k3_k2)).round(4))  # k2's gradient
+      [ 0.2 -0.2  0.5  0. ]
+      >>> print(np.asarray(jax.grad(loss)(logp_policy, kldiv.kl_k2)).round(4))
+      [ 0.2 -0.2  0.5  0. ]
 
     References:
       Y. Bengio, N. Léonard, A. Courville (2013), arXiv:1308.3432; J. Schulman (2020),
@@ -367,6 +428,20 @@ def kl_k3_importance_weighted(
     Raises:
       TypeError, ValueError: as :func:`kl_k3`, naming ``logp_old`` mask it is at fault.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> logp_policy = jnp.array([-0.5, -1.0, -2.0, -0.1])  # log π_θ(a), sampled tokens
+      >>> logp_ref = jnp.array([-0.7, -0.8, -2.5, -0.1])  # log π_ref(a), same tokens
+      >>> logp_old = jnp.array([-0.6, -1.0, -1.8, -0.2])  # the policy that sampled them
+      >>> weighted = kldiv.kl_k3_importance_weighted(logp_policy, logp_ref, logp_old)
+      >>> print(np.asarray(weighted).round(4))
+      [0.0207 0.0214 0.0872 0.    ]
+      >>> ppo = kldiv.kl_k3_importance_weighted(logp_policy, logp_ref, logp_old, weight_clip=0.1)
+      >>> print(np.asarray(ppo).round(4))  # w clipped to [0.9, 1.1]
+      [0.0206 0.0214 0.0959 0.    ]
+
     References:
       J. Schulman et al. (2017), "Proximal Policy Optimization Algorithms", arXiv:1707.06347;
       J. Schulman (2020), "Approximating KL Divergence".
@@ -430,6 +505,22 @@ def kl_penalty(
     Raises:
       TypeError, ValueError: as :func:`kl_k3` and :func:`kldiv.reduce`.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logp_policy = jnp.array([[-0.5, -1.0, -2.0], [-0.1, -0.3, -0.9]])  # [batch, tokens]
+      >>> logp_ref = jnp.array([[-0.7, -0.8, -2.5], [-0.1, -0.6, -0.2]])
+      >>> mask = jnp.array([[True, True, True], [True, True, False]])  # padding
+      >>> penalty = kldiv.kl_penalty(
+      ...     logp_policy, logp_ref, estimator="k3", grad_estimator="k2",
+      ...     reduction="mean", mask=mask,
+      ... )
+      >>> print(f"{penalty:.4f}")
+      0.0375
+      >>> k1 = kldiv.kl_penalty(logp_policy, logp_ref, estimator="k1", reduction="sum", mask=mask)
+      >>> print(f"{k1:.4f}")
+      0.8000
+
     References:
       J. Schulman (2020), "Approximating KL Divergence".
     """
@@ -486,6 +577,19 @@ def kl_penalty_exact(
     Raises:
       TypeError, ValueError: as :func:`kldiv.kl_from_logits`; a ``mask`` that is not boolean or
         does not broadcast to the per-position shape.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> policy_logits = jnp.array([[[2.0, 0.5, 0.0], [0.0, 1.0, 0.0]]])  # [batch, tokens, V]
+      >>> ref_logits = jnp.array([[[1.5, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+      >>> mask = jnp.array([[True, False]])  # [batch, tokens]: the second token is padding
+      >>> per_token = kldiv.kl_penalty_exact(policy_logits, ref_logits, mask=mask)
+      >>> print(np.asarray(per_token).round(4))
+      [[0.0837 0.    ]]
+      >>> print(f"{kldiv.reduce(per_token, 'mean', mask=mask):.4f}")
+      0.0837
 
     References:
       Kullback & Leibler (1951); J. Schulman (2020), "Approximating KL Divergence".

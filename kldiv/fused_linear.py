@@ -384,6 +384,42 @@ def fused_linear_kl(
         without ``vocab_size``, unknown ``direction``/``reduction``, β outside [0, 1], a Python
         temperature ≤ 0, ``hard_weight`` without ``labels``.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> # 2 sequences × 3 tokens; hidden sizes 4 (teacher) and 3 (student); vocabulary of 5.
+      >>> teacher_hidden = jnp.cos(jnp.arange(24.0)).reshape(2, 3, 4)
+      >>> teacher_weight = jnp.sin(jnp.arange(20.0)).reshape(4, 5)
+      >>> student_hidden = jnp.cos(0.5 * jnp.arange(18.0)).reshape(2, 3, 3)
+      >>> student_weight = jnp.sin(0.7 * jnp.arange(15.0)).reshape(3, 5)
+      >>> mask = jnp.array([[True, True, True], [True, True, False]])  # padding
+      >>> loss = kldiv.fused_linear_kl(
+      ...     teacher_hidden, teacher_weight, student_hidden, student_weight,
+      ...     reduction="mean", mask=mask,
+      ... )
+      >>> print(f"{loss:.4f}")
+      0.5076
+
+      The same value as materialising both logits:
+
+      >>> teacher_logits = teacher_hidden @ teacher_weight
+      >>> student_logits = student_hidden @ student_weight
+      >>> values = kldiv.kl_from_logits(teacher_logits, student_logits)
+      >>> print(f"{kldiv.reduce(values, 'mean', mask=mask):.4f}")
+      0.5076
+
+      Per-token values, with a hard-label cross-entropy term added:
+
+      >>> labels = jnp.array([[0, 1, 2], [3, 4, -100]])  # -100: ignore_index
+      >>> per_token = kldiv.fused_linear_kl(
+      ...     teacher_hidden, teacher_weight, student_hidden, student_weight,
+      ...     reduction="none", labels=labels, hard_weight=0.5,
+      ... )
+      >>> print(np.asarray(per_token).round(4))
+      [[1.3183 1.3858 1.3168]
+       [1.422  1.8468 0.    ]]
+
     References:
       Hinton et al. (2015), "Distilling the knowledge in a neural network"; Agarwal et al. (2024),
       "On-policy distillation of language models" (GKD); Hsu et al. (2024), "Liger Kernel"

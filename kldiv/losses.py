@@ -104,6 +104,21 @@ def kl_divergence(
       optax's value wherever it is finite; at entries where target and prediction are both 0
       (optax: NaN) the entry contributes its true value 0. Gradients are finite wherever the value
       is (d/dlog_predictions = −targets, as optax).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_predictions = jnp.log(jnp.array([0.25, 0.75]))  # the model, first (optax order)
+      >>> targets = jnp.array([0.5, 0.5])
+      >>> print(f"{kldiv.losses.kl_divergence(log_predictions, targets):.4f}")
+      0.1438
+
+      Where a target and its prediction are both 0 (optax: NaN) the entry contributes 0:
+
+      >>> log_predictions = jnp.log(jnp.array([0.5, 0.5, 0.0]))
+      >>> targets = jnp.array([1.0, 0.0, 0.0])
+      >>> print(f"{kldiv.losses.kl_divergence(log_predictions, targets):.4f}")
+      0.6931
     """
     _checks.check_floating("log_predictions", log_predictions)
     _checks.check_floating("targets", targets)
@@ -124,6 +139,15 @@ def kl_divergence_with_log_targets(
     Σ exp(log_targets)·(log_targets − log_predictions) along ``axis``: KL(targets ‖ predictions),
     model first as in optax. Same values as optax wherever optax is finite; entries with both
     log-probabilities −inf contribute 0 instead of NaN.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_predictions = jnp.log(jnp.array([0.25, 0.75]))  # the model, first (optax order)
+      >>> log_targets = jnp.log(jnp.array([0.5, 0.5]))
+      >>> loss = kldiv.losses.kl_divergence_with_log_targets(log_predictions, log_targets)
+      >>> print(f"{loss:.4f}")
+      0.1438
     """
     _checks.check_floating("log_predictions", log_predictions)
     _checks.check_floating("log_targets", log_targets)
@@ -177,6 +201,23 @@ def distillation_loss(
 
     Returns:
       The reduced loss (or per-token values for ``"none"``), float32 for 16-bit inputs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> teacher = jnp.array([[[2.0, 1.0, 0.1], [0.5, 0.5, 0.5]]])  # [batch, tokens, V]
+      >>> student = jnp.array([[[1.5, 1.5, 0.0], [1.0, 0.0, 0.0]]])
+      >>> mask = jnp.array([[True, False]])  # the second token is padding
+      >>> loss = kldiv.losses.distillation_loss(teacher, student, reduction="mean", mask=mask)
+      >>> print(f"{loss:.4f}")
+      0.1000
+      >>> per_token = kldiv.losses.distillation_loss(
+      ...     teacher, student, reduction="none", temperature=2.0,
+      ...     scale_by_temperature_squared=True, direction="jsd",
+      ... )
+      >>> print(np.asarray(per_token).round(4))
+      [[0.0247 0.0295]]
     """
     _checks.check_choice("direction", direction, DIRECTIONS)
     if stop_teacher_gradient:

@@ -87,6 +87,21 @@ class GaussianHead(nnx.Module):
       ``head(x, *, deterministic=False, rngs=None) -> (z, mean, log_var)``, each ``[..., D]``
       for ``x`` of shape ``[..., in_features]``; ε has the dtype of μ. Feed ``mean, log_var``
       to :func:`negative_elbo` or :func:`kldiv.gaussian.kl_standard_normal`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import kldiv.nnx
+      >>> head = kldiv.nnx.GaussianHead(16, 4, rngs=nnx.Rngs(params=0, sample=1))
+      >>> features = jnp.ones((2, 16))  # [batch, in_features]
+      >>> z, mean, log_var = head(features)  # z ~ N(mean, diag exp(log_var))
+      >>> z.shape, mean.shape, log_var.shape
+      ((2, 4), (2, 4), (2, 4))
+      >>> z_eval, mean, _ = head(features, deterministic=True)  # z = mean, no noise
+      >>> bool(jnp.all(z_eval == mean))
+      True
+      >>> kldiv.kl_standard_normal(mean, log_var).shape  # one KL per example
+      (2,)
     """
 
     def __init__(
@@ -184,6 +199,21 @@ def negative_elbo(
       TypeError: non-floating ``log_likelihood``.
       ValueError: ``log_likelihood`` not one value per example (e.g. per pixel), or a reduction
         error from :func:`kldiv.reduce`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv.nnx
+      >>> log_likelihood = jnp.array([-10.0, -12.0])  # one log-likelihood per example, [B]
+      >>> mean = jnp.array([[0.0, 0.0], [0.5, -1.0]])  # the encoder's μ, [B, D]
+      >>> log_var = jnp.array([[0.0, 0.0], [-0.5, 0.2]])
+      >>> loss = kldiv.nnx.negative_elbo(log_likelihood, mean, log_var, reduction="mean")
+      >>> print(f"{loss:.4f}")
+      11.3445
+      >>> loss = kldiv.nnx.negative_elbo(
+      ...     log_likelihood, mean, log_var, reduction="dataset", dataset_size=1000
+      ... )
+      >>> print(f"{loss:.1f}")  # N/B × the minibatch sum
+      11344.5
     """
     _checks.check_floating("log_likelihood", log_likelihood)
     log_likelihood = jnp.asarray(log_likelihood)
@@ -210,6 +240,21 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Ca
     nnx.Optimizer(model, tx, wrt=nnx.Param)`` it compiles once per set of batch shapes and
     dtypes. Configuration (reduction names, β as a Python number, dataset size) belongs in
     ``loss_fn``'s closure, not in ``batch``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from flax import nnx
+      >>> import kldiv.nnx
+      >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> def loss_fn(model, x, y):
+      ...     return jnp.mean((model(x)[:, 0] - y) ** 2)
+      >>> train_step = kldiv.nnx.make_train_step(loss_fn)
+      >>> x, y = jnp.ones((4, 3)), jnp.zeros(4)
+      >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(3)]
+      >>> losses[0] > losses[1] > losses[2]  # model and optimizer are updated in place
+      True
     """
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=has_aux)
 

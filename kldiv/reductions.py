@@ -48,6 +48,21 @@ def count_kept(mask, *, shape: tuple[int, ...] | None = None, axis_name=None) ->
 
     With ``mask=None`` pass ``shape`` and the count is its number of elements. Boolean masks count
     kept positions; numeric masks are weights and count their sum.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> mask = jnp.array([[True, True, False], [True, False, False]])
+      >>> print(kldiv.count_kept(mask))
+      3.0
+
+      Two micro-batches (the rows) reduced with the whole step's count add up to the step's mean:
+
+      >>> values = jnp.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+      >>> count = kldiv.count_kept(mask)
+      >>> parts = [kldiv.reduce(values[i], "mean", mask=mask[i], count=count) for i in range(2)]
+      >>> print(f"{sum(parts):.4f} {kldiv.reduce(values, 'mean', mask=mask):.4f}")
+      2.0000 2.0000
     """
     if mask is None:
         if shape is None:
@@ -98,6 +113,23 @@ def reduce(
         (traced counts and weights) cannot be checked and are used as given.
       TypeError: a string or boolean ``count``/``batch_size``/``dataset_size``; a mask that is
         neither boolean nor numeric.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> values = jnp.array([0.5, 1.0, 3.0])  # e.g. kldiv.kl(p, q) of a batch of three
+      >>> mask = jnp.array([True, True, False])
+      >>> print(f"{kldiv.reduce(values, 'sum'):.2f}")
+      4.50
+      >>> print(f"{kldiv.reduce(values, 'mean', mask=mask):.2f}")  # over the kept entries
+      0.75
+      >>> print(f"{kldiv.reduce(values, 'batchmean', mask=mask):.2f}")  # divides by B = 3
+      0.50
+      >>> print(f"{kldiv.reduce(values, 'dataset', dataset_size=300):.1f}")  # N/B × sum
+      450.0
+      >>> print(np.asarray(kldiv.reduce(values, "none", mask=mask)))
+      [0.5 1.  0. ]
     """
     _checks.check_choice("reduction", reduction, REDUCTIONS)
     values = jnp.asarray(values)

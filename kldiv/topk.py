@@ -70,6 +70,18 @@ def validate_topk_ids(teacher_ids: ArrayLike, vocab_size: int) -> jax.Array:
         f = checkify.checkify(lambda ids, lp, s: kldiv.kl_topk_teacher(
             kldiv.validate_topk_ids(ids, s.shape[-1]), lp, s, tail="bucket", reduction="none"))
         err, value = jax.jit(f)(ids, lp, s); err.throw()
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> from jax.experimental import checkify
+      >>> check = checkify.checkify(lambda ids: kldiv.validate_topk_ids(ids, 4))
+      >>> err, _ = check(jnp.array([[0, 2], [3, 1]]))
+      >>> print(err.get())
+      None
+      >>> err, _ = check(jnp.array([[0, 2], [3, 3]]))
+      >>> print(err.get())
+      kldiv: `teacher_ids` repeats an id within a row; top-k ids must be distinct...
     """
     teacher_ids = jnp.asarray(teacher_ids)
     checkify.check(
@@ -121,6 +133,25 @@ def kl_topk_teacher(
       TypeError: non-integer ids, non-floating log-probs/logits.
       ValueError: ids and log-probs of different shapes; leading shapes that differ from the
         student's; unknown ``tail``; a Python temperature ≤ 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> # Two positions, vocabulary of 5; the teacher kept its top-2 tokens at each.
+      >>> teacher_ids = jnp.array([[0, 3], [2, 1]])
+      >>> teacher_log_probs = jnp.log(jnp.array([[0.6, 0.3], [0.5, 0.4]]))
+      >>> student_logits = jnp.array([[2.0, 0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.5, 0.0, 0.0]])
+      >>> per_position = kldiv.kl_topk_teacher(
+      ...     teacher_ids, teacher_log_probs, student_logits, tail="bucket", reduction="none"
+      ... )
+      >>> print(np.asarray(per_position).round(4))
+      [0.0654 0.1192]
+      >>> loss = kldiv.kl_topk_teacher(
+      ...     teacher_ids, teacher_log_probs, student_logits, tail="renormalize", reduction="mean"
+      ... )
+      >>> print(f"{loss:.4f}")
+      0.0097
 
     References:
       Hinton et al. (2015); sparse/top-k logit distillation as in Raman et al. (2023),

@@ -62,6 +62,15 @@ def kl_weight(beta: float | ArrayLike | Schedule, step: ArrayLike | None = None)
 
     Raises:
       ValueError: a schedule without ``step``, or ``step`` with a fixed β.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> print(f"{kldiv.kl_weight(0.5):.2f}")  # a fixed β
+      0.50
+      >>> warmup = lambda step: jnp.minimum(1.0, step / 1000)  # any Optax-style schedule
+      >>> print(f"{kldiv.kl_weight(warmup, step=250):.2f}")
+      0.25
     """
     if callable(beta):
         if step is None:
@@ -113,6 +122,22 @@ def elbo_kl(
 
     Returns:
       A scalar (``[M]`` for ``"none"``) in ``kl``'s dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> mean = jnp.array([[0.0, 0.0], [0.5, -1.0], [1.0, 0.5]])  # M = 3 examples, D = 2
+      >>> log_var = jnp.array([[0.0, 0.0], [-0.5, 0.2], [0.1, 0.1]])
+      >>> kl = kldiv.kl_standard_normal(mean, log_var)  # one KL per example
+      >>> print(f"{kldiv.elbo_kl(kl, reduction='mean'):.4f}")
+      0.4397
+      >>> print(f"{kldiv.elbo_kl(kl, reduction='dataset', dataset_size=60_000):.1f}")
+      26382.8
+      >>> annealed = kldiv.elbo_kl(
+      ...     kl, reduction="mean", beta=kldiv.cyclical_kl_schedule(1000), step=250
+      ... )
+      >>> print(f"{annealed:.4f}")
+      0.2199
     """
     total = reduce(
         kl,
@@ -188,6 +213,17 @@ def free_bits_kl(
     Raises:
       ValueError: negative λ, a λ shape that is neither scalar nor ``[D]``, ``kl_per_dim``
         without a latent axis, or any :func:`kldiv.reduce` error.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> mean = jnp.array([[0.0, 0.0], [0.5, -1.0], [1.0, 0.5]])  # M = 3 examples, D = 2
+      >>> log_var = jnp.array([[0.0, 0.0], [-0.5, 0.2], [0.1, 0.1]])
+      >>> kl_per_dim = kldiv.kl_standard_normal(mean, log_var, per_dim=True)  # [M, D]
+      >>> plain = kldiv.free_bits_kl(kl_per_dim, 0.0, reduction="mean")
+      >>> floored = kldiv.free_bits_kl(kl_per_dim, 0.5, reduction="mean")  # λ = 0.5 nats
+      >>> print(f"{plain:.4f} {floored:.4f}")
+      0.4397 1.0000
     """
     _checks.check_floating("kl_per_dim", kl_per_dim)
     kl_per_dim = jnp.asarray(kl_per_dim)
@@ -250,6 +286,18 @@ def vae_kl(
 
     Returns:
       A scalar (``[M]`` for ``"none"``) in the computation dtype of the inputs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> mean = jnp.array([[0.0, 0.0], [0.5, -1.0], [1.0, 0.5]])  # encoder outputs [M, D]
+      >>> log_var = jnp.array([[0.0, 0.0], [-0.5, 0.2], [0.1, 0.1]])
+      >>> print(f"{kldiv.vae_kl(mean, log_var, reduction='mean'):.4f}")
+      0.4397
+      >>> print(f"{kldiv.vae_kl(mean, log_var, reduction='mean', beta=4.0):.4f}")  # β-VAE
+      1.7589
+      >>> print(f"{kldiv.vae_kl(mean, log_var, reduction='mean', free_bits=0.5):.4f}")
+      1.0000
     """
     kw: dict[str, Any] = dict(
         reduction=reduction,
@@ -288,6 +336,12 @@ def cyclical_kl_schedule(
 
     Raises:
       ValueError: ``cycle_steps`` < 1, ``ramp_fraction`` outside (0, 1], ``num_cycles`` < 1.
+
+    Examples:
+      >>> import kldiv
+      >>> schedule = kldiv.cyclical_kl_schedule(100, ramp_fraction=0.5, num_cycles=2)
+      >>> print([f"{schedule(step):.2f}" for step in (0, 25, 50, 99, 100, 125, 200, 225)])
+      ['0.00', '0.50', '1.00', '1.00', '0.00', '0.50', '1.00', '1.00']
     """
     if not isinstance(cycle_steps, numbers.Integral) or cycle_steps < 1:
         raise ValueError(f"kldiv: `cycle_steps` must be a positive int; got {cycle_steps!r}.")

@@ -131,6 +131,18 @@ def alpha_divergence(
       alpha: a finite Python number ≥ 0.
       axis, where: see the module docstring.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.alpha_divergence(p, q, alpha=0.5):.4f}")
+      0.1363
+      >>> print(f"{4 * kldiv.squared_hellinger(p, q):.4f}")  # A_½ = 4·H²
+      0.1363
+      >>> print(f"{kldiv.alpha_divergence(p, q, alpha=1.0):.4f} {kldiv.kl(p, q):.4f}")  # A_1 = KL
+      0.1438 0.1438
+
     References:
       Amari (1985), "Differential-Geometrical Methods in Statistics"; Cichocki & Amari (2010),
       "Families of Alpha- Beta- and Gamma-Divergences", Entropy 12(6) (this parametrisation).
@@ -146,7 +158,16 @@ def alpha_divergence_from_log_probs(
     axis: int = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    """Amari α-divergence A_α(p‖q) from log-probabilities. See :func:`alpha_divergence`."""
+    """Amari α-divergence A_α(p‖q) from log-probabilities. See :func:`alpha_divergence`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.alpha_divergence_from_log_probs(log_p, log_q, alpha=0.5):.4f}")
+      0.1363
+    """
     return _alpha_div("log_probs", log_p, log_q, alpha, axis, where, 1.0)
 
 
@@ -159,7 +180,19 @@ def alpha_divergence_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Amari α-divergence of two softmax distributions. See :func:`alpha_divergence`."""
+    """Amari α-divergence of two softmax distributions. See :func:`alpha_divergence`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.alpha_divergence_from_logits(logits_p, logits_q, alpha=0.5):.4f}")
+      0.1034
+      >>> soft = kldiv.alpha_divergence_from_logits(logits_p, logits_q, 0.5, temperature=2.0)
+      >>> print(f"{soft:.4f}")
+      0.0247
+    """
     return _alpha_div("logits", logits_p, logits_q, alpha, axis, where, temperature)
 
 
@@ -170,6 +203,16 @@ def alpha_generator(alpha: float) -> FGenerator:
     f'(∞) = 1/(1 − α) for α < 1 and +inf for α ≥ 1; α = 1 gives t log t − t + 1 (KL) and
     α = 0 gives t − 1 − log t (reverse KL).
     ``f_divergence(p, q, alpha_generator(a)) == alpha_divergence(p, q, a)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> generator = kldiv.alpha_generator(2.0)
+      >>> a2 = kldiv.f_divergence(p, q, generator)
+      >>> print(f"{a2:.4f} {kldiv.alpha_divergence(p, q, alpha=2.0):.4f}")
+      0.1667 0.1667
     """
     alpha = static_real("alpha", alpha, 0.0, math.inf)
     if alpha == math.inf:

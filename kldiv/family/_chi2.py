@@ -38,6 +38,18 @@ def pearson_chi2(
     p = q = 0 contributes 0. Computed as Σ (p − q)·expm1(log(p/q)), non-negative term by term.
     Gradients: ∂/∂p = 2(p/q − 1), ∂/∂q = 1 − p²/q². log(1 + χ²) is the Rényi divergence D₂.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.pearson_chi2(p, q):.4f}")
+      0.3333
+      >>> print(f"{jnp.log1p(kldiv.pearson_chi2(p, q)):.4f}")  # log(1 + χ²) = D₂
+      0.2877
+      >>> print(f"{kldiv.renyi(p, q, alpha=2.0):.4f}")
+      0.2877
+
     References:
       Pearson (1900); Liese & Vajda (2006), "On divergences and informations in statistics and
       information theory", IEEE Trans. Inf. Theory 52(10).
@@ -48,7 +60,16 @@ def pearson_chi2(
 def pearson_chi2_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Pearson χ²(p‖q) from log-probabilities. See :func:`pearson_chi2`."""
+    """Pearson χ²(p‖q) from log-probabilities. See :func:`pearson_chi2`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.pearson_chi2_from_log_probs(log_p, log_q):.4f}")
+      0.3333
+    """
     return simple(_CHI2, "log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -60,5 +81,16 @@ def pearson_chi2_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Pearson χ² of softmax(logits_p/T) against softmax(logits_q/T). See :func:`pearson_chi2`."""
+    """Pearson χ² of softmax(logits_p/T) against softmax(logits_q/T). See :func:`pearson_chi2`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.pearson_chi2_from_logits(logits_p, logits_q):.4f}")
+      0.1929
+      >>> print(f"{kldiv.pearson_chi2_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      0.0482
+    """
     return simple(_CHI2, "logits", logits_p, logits_q, axis, where, temperature)

@@ -196,6 +196,17 @@ class FGenerator(NamedTuple):
 
     ``f`` must be elementwise, defined on t ∈ [0, ∞) (t = 0 as its limit, possibly +inf) and
     differentiable by JAX; ``slope_at_inf`` may be ``math.inf``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> neyman = kldiv.FGenerator("neyman_chi2", lambda t: (t - 1) ** 2 / t, slope_at_inf=1.0)
+      >>> print(f"{kldiv.f_divergence(p, q, neyman):.4f}")  # Σ (p − q)²/p
+      0.2500
+      >>> print(f"{kldiv.pearson_chi2(q, p):.4f}")
+      0.2500
     """
 
     name: str

@@ -51,6 +51,16 @@ def cross_entropy(
       q: model probabilities, broadcastable against ``p``.
       axis, where: see the module docstring.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.cross_entropy(p, q):.4f}")
+      0.8370
+      >>> print(f"{kldiv.entropy(p) + kldiv.kl(p, q):.4f}")  # H(p, q) = H(p) + KL(p‖q)
+      0.8370
+
     References:
       Cover & Thomas (2006), "Elements of Information Theory", 2nd ed., Ch. 2 and Sec. 5.4.
     """
@@ -60,7 +70,16 @@ def cross_entropy(
 def cross_entropy_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Cross-entropy −Σ p log q from log-probabilities. See :func:`cross_entropy`."""
+    """Cross-entropy −Σ p log q from log-probabilities. See :func:`cross_entropy`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.cross_entropy_from_log_probs(log_p, log_q):.4f}")
+      0.8370
+    """
     return simple(_CE, "log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -76,6 +95,16 @@ def cross_entropy_from_logits(
 
     log q is formed from centred logits (never the log of an underflowed probability), so
     finite logits of any size give finite values.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.cross_entropy_from_logits(logits_p, logits_q):.4f}")
+      0.9468
+      >>> print(f"{kldiv.cross_entropy_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      1.0507
     """
     return simple(_CE, "logits", logits_p, logits_q, axis, where, temperature)
 
@@ -91,6 +120,14 @@ def entropy(p: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> 
     Entries with p = 0 contribute 0. Gradient: −log p − 1, taken as 0 at p = 0 (where it is
     +inf). ``entropy(p) == cross_entropy(p, p)``.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> p = jnp.array([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0]])
+      >>> print(np.asarray(kldiv.entropy(p)).round(4))
+      [0.6931 0.3251 0.    ]
+
     References:
       Shannon (1948); Cover & Thomas (2006), "Elements of Information Theory", eq. (2.1).
     """
@@ -100,7 +137,15 @@ def entropy(p: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> 
 def entropy_from_log_probs(
     log_p: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Shannon entropy −Σ p log p from log-probabilities (−inf contributes 0). See entropy."""
+    """Shannon entropy −Σ p log p from log-probabilities (−inf contributes 0). See entropy.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.array([jnp.log(0.5), jnp.log(0.5), -jnp.inf])  # −inf contributes 0
+      >>> print(f"{kldiv.entropy_from_log_probs(log_p):.4f}")
+      0.6931
+    """
     return _entropy("log_probs", log_p, axis, where, 1.0, "log_p")
 
 
@@ -111,5 +156,15 @@ def entropy_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Shannon entropy of softmax(logits/T). Gradient: −p·(log p + H)/T. See :func:`entropy`."""
+    """Shannon entropy of softmax(logits/T). Gradient: −p·(log p + H)/T. See :func:`entropy`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits = jnp.array([2.0, 1.0, 0.1])
+      >>> print(f"{kldiv.entropy_from_logits(logits):.4f}")
+      0.8467
+      >>> print(f"{kldiv.entropy_from_logits(logits, temperature=2.0):.4f}")  # flatter: higher
+      1.0262
+    """
     return _entropy("logits", logits, axis, where, temperature, "logits")

@@ -136,6 +136,20 @@ def f_divergence(
       f_inf_slope: lim_{t→∞} f(t)/t (``math.inf`` allowed); overrides the generator's.
       axis, where: see the module docstring.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.f_divergence(p, q, kldiv.F_GENERATORS['kl']):.4f} {kldiv.kl(p, q):.4f}")
+      0.1438 0.1438
+
+      Any convex f with f(1) = 0, as a plain callable (f'(∞) = +inf assumed):
+
+      >>> chi2 = kldiv.f_divergence(p, q, lambda t: (t - 1) ** 2)
+      >>> print(f"{chi2:.4f} {kldiv.pearson_chi2(p, q):.4f}")
+      0.3333 0.3333
+
     References:
       Csiszár (1967), "Information-type measures of difference of probability distributions",
       Studia Sci. Math. Hungar. 2; Ali & Silvey (1966), J. R. Stat. Soc. B 28; Liese & Vajda
@@ -153,7 +167,17 @@ def f_divergence_from_log_probs(
     axis: int = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    """f-divergence Σ q f(p/q) from log-probabilities (t = e^{log p − log q}); see f_divergence."""
+    """f-divergence Σ q f(p/q) from log-probabilities (t = e^{log p − log q}); see f_divergence.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> tv = kldiv.F_GENERATORS["total_variation"]
+      >>> print(f"{kldiv.f_divergence_from_log_probs(log_p, log_q, tv):.4f}")
+      0.2500
+    """
     return _f_div("log_probs", log_p, log_q, f, f_inf_slope, axis, where, 1.0)
 
 
@@ -167,5 +191,17 @@ def f_divergence_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """f-divergence of softmax(logits_p/T) from softmax(logits_q/T). See :func:`f_divergence`."""
+    """f-divergence of softmax(logits_p/T) from softmax(logits_q/T). See :func:`f_divergence`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> hellinger = kldiv.F_GENERATORS["squared_hellinger"]
+      >>> print(f"{kldiv.f_divergence_from_logits(logits_p, logits_q, hellinger):.4f}")
+      0.0259
+      >>> print(f"{kldiv.squared_hellinger_from_logits(logits_p, logits_q):.4f}")
+      0.0259
+    """
     return _f_div("logits", logits_p, logits_q, f, f_inf_slope, axis, where, temperature)

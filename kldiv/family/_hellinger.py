@@ -37,6 +37,16 @@ def squared_hellinger(
     ½ Σ ((p − q)/(√p + √q))², non-negative terms that keep float32 accuracy when p ≈ q (where
     1 − Σ √(pq) cancels). Gradient: ∂/∂p = ½(1 − √(q/p)), taken as 0 at p = 0.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.squared_hellinger(p, q):.4f}")
+      0.0341
+      >>> print(f"{kldiv.squared_hellinger(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])):.4f}")
+      1.0000
+
     References:
       Hellinger (1909); Le Cam & Yang (2000), "Asymptotics in Statistics", for the ½ convention.
     """
@@ -46,7 +56,16 @@ def squared_hellinger(
 def squared_hellinger_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Squared Hellinger distance from log-probabilities. See :func:`squared_hellinger`."""
+    """Squared Hellinger distance from log-probabilities. See :func:`squared_hellinger`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.squared_hellinger_from_log_probs(log_p, log_q):.4f}")
+      0.0341
+    """
     return simple(_HELLINGER, "log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -58,5 +77,16 @@ def squared_hellinger_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Squared Hellinger distance of two softmax distributions. See :func:`squared_hellinger`."""
+    """Squared Hellinger distance of two softmax distributions. See :func:`squared_hellinger`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.squared_hellinger_from_logits(logits_p, logits_q):.4f}")
+      0.0259
+      >>> print(f"{kldiv.squared_hellinger_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      0.0062
+    """
     return simple(_HELLINGER, "logits", logits_p, logits_q, axis, where, temperature)

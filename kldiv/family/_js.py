@@ -106,6 +106,21 @@ def js(
       TypeError: non-floating inputs, a non-boolean ``where`` or a traced ``beta``.
       ValueError: shapes that do not broadcast, ``axis`` out of range, β outside [0, 1].
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.js(p, q):.4f}")  # β = 0.5, the standard JSD
+      0.0338
+      >>> print(f"{kldiv.js(p, q, beta=0.1):.4f}")
+      0.0128
+
+      Finite even for disjoint supports, where it reaches log 2:
+
+      >>> print(f"{kldiv.js(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])):.4f}")
+      0.6931
+
     References:
       Lin (1991), "Divergence measures based on the Shannon entropy", IEEE Trans. Inf. Theory
       37(1) (weighted JS divergence, weights (β, 1 − β)); Agarwal et al. (2024), "On-policy
@@ -125,6 +140,14 @@ def js_from_log_probs(
     """Generalised Jensen–Shannon divergence JSD_β(p‖q) from log-probabilities. See :func:`js`.
 
     m is never formed from exp(log p) + exp(log q): log(p/m) comes from log p − log q.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.js_from_log_probs(log_p, log_q):.4f}")
+      0.0338
     """
     return _js("log_probs", log_p, log_q, beta, axis, where, 1.0)
 
@@ -144,6 +167,16 @@ def js_from_logits(
     log(p/m), log(q/m) from it in log space, so the result keeps float32 relative accuracy when
     p ≈ q, and finite logits of any size give finite values. Gradients:
     ∂/∂logits_p = β·p·(log(p/m) − Σ p log(p/m))/T, and likewise for q with 1 − β.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.js_from_logits(logits_p, logits_q):.4f}")
+      0.0257
+      >>> print(f"{kldiv.js_from_logits(logits_p, logits_q, beta=0.1, temperature=2.0):.4f}")
+      0.0022
     """
     return _js("logits", logits_p, logits_q, beta, axis, where, temperature)
 
@@ -153,6 +186,17 @@ def js_generator(beta: float = 0.5) -> FGenerator:
     """The generator of JSD_β: f(t) = β t log t − (βt + 1 − β) log(βt + 1 − β).
 
     f'(∞) = −β log β. ``f_divergence(p, q, js_generator(beta)) == js(p, q, beta)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> generator = kldiv.js_generator(0.5)
+      >>> generator.name
+      'js(beta=0.5)'
+      >>> print(f"{kldiv.f_divergence(p, q, generator):.4f} {kldiv.js(p, q):.4f}")
+      0.0338 0.0338
     """
     beta = static_real("beta", beta, 0.0, 1.0)
 

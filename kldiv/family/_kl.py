@@ -43,6 +43,20 @@ def reverse_kl(
 
     Returns one value per example (``axis`` removed).
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> p = jnp.array([[0.5, 0.5], [0.9, 0.1]])  # targets, a batch of two
+      >>> q = jnp.array([[0.25, 0.75], [0.6, 0.4]])  # model
+      >>> values = kldiv.reverse_kl(p, q)  # KL(q‖p) per example
+      >>> print(np.asarray(values).round(4))
+      [0.1308 0.3112]
+      >>> print(np.asarray(kldiv.kl(q, p)).round(4))
+      [0.1308 0.3112]
+      >>> print(f"{kldiv.reduce(values, 'mean'):.4f}")
+      0.2210
+
     References:
       Kullback & Leibler (1951); Minka (2005), "Divergence measures and message passing", for
       the mode-seeking behaviour.
@@ -53,7 +67,16 @@ def reverse_kl(
 def reverse_kl_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """KL(q‖p) from log-probabilities: ``kl_from_log_probs(log_q, log_p)``; see reverse_kl."""
+    """KL(q‖p) from log-probabilities: ``kl_from_log_probs(log_q, log_p)``; see reverse_kl.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.reverse_kl_from_log_probs(log_p, log_q):.4f}")
+      0.1308
+    """
     return _reverse_kl("log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -68,6 +91,16 @@ def reverse_kl_from_logits(
     """KL(softmax(logits_q/T) ‖ softmax(logits_p/T)), ``kl_from_logits(logits_q, logits_p)``.
 
     See :func:`reverse_kl` and :func:`kldiv.kl_from_logits` (accuracy, edges, temperature).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.reverse_kl_from_logits(logits_p, logits_q):.4f}")
+      0.1081
+      >>> print(f"{kldiv.reverse_kl_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      0.0250
     """
     return _reverse_kl("logits", logits_p, logits_q, axis, where, temperature)
 
@@ -80,6 +113,16 @@ def jeffreys(
     Symmetric; +inf wherever the supports differ. Computed as two :func:`kldiv.kl` calls (each
     a sum of non-negative terms), so it inherits their accuracy, edges and gradients.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.jeffreys(p, q):.4f}")
+      0.2747
+      >>> print(f"{kldiv.kl(p, q) + kldiv.kl(q, p):.4f}")
+      0.2747
+
     References:
       Jeffreys (1946), "An invariant form for the prior probability in estimation problems",
       Proc. R. Soc. A 186.
@@ -90,7 +133,16 @@ def jeffreys(
 def jeffreys_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Jeffreys divergence KL(p‖q) + KL(q‖p) from log-probabilities. See :func:`jeffreys`."""
+    """Jeffreys divergence KL(p‖q) + KL(q‖p) from log-probabilities. See :func:`jeffreys`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.jeffreys_from_log_probs(log_p, log_q):.4f}")
+      0.2747
+    """
     return _jeffreys("log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -102,5 +154,16 @@ def jeffreys_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Jeffreys divergence of softmax(logits_p/T) and softmax(logits_q/T). See :func:`jeffreys`."""
+    """Jeffreys divergence of softmax(logits_p/T) and softmax(logits_q/T). See :func:`jeffreys`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.jeffreys_from_logits(logits_p, logits_q):.4f}")
+      0.2081
+      >>> print(f"{kldiv.jeffreys_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      0.0495
+    """
     return _jeffreys("logits", logits_p, logits_q, axis, where, temperature)

@@ -152,6 +152,19 @@ def renyi(
       TypeError: non-floating inputs, a non-boolean ``where`` or a traced ``alpha``.
       ValueError: shapes that do not broadcast, ``axis`` out of range, α < 0.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> import math
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> for alpha in (0.5, 1.0, 2.0, math.inf):  # non-decreasing in α; D_1 = KL
+      ...     print(f"{alpha}: {kldiv.renyi(p, q, alpha=alpha):.4f}")
+      0.5: 0.0693
+      1.0: 0.1438
+      2.0: 0.2877
+      inf: 0.6931
+
     References:
       Rényi (1961), "On measures of entropy and information", Proc. 4th Berkeley Symp.;
       van Erven & Harremoës (2014), "Rényi divergence and Kullback–Leibler divergence",
@@ -168,7 +181,16 @@ def renyi_from_log_probs(
     axis: int = -1,
     where: ArrayLike | None = None,
 ) -> jax.Array:
-    """Rényi divergence D_α(p‖q) from log-probabilities. See :func:`renyi`."""
+    """Rényi divergence D_α(p‖q) from log-probabilities. See :func:`renyi`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.renyi_from_log_probs(log_p, log_q, alpha=2.0):.4f}")
+      0.2877
+    """
     return _renyi("log_probs", log_p, log_q, alpha, axis, where, 1.0)
 
 
@@ -184,5 +206,15 @@ def renyi_from_logits(
     """Rényi divergence D_α(softmax(logits_p/T) ‖ softmax(logits_q/T)). See :func:`renyi`.
 
     Gradients: ∂/∂logits_p = (α/(α−1))(w − p)/T, ∂/∂logits_q = (q − w)/T.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.renyi_from_logits(logits_p, logits_q, alpha=2.0):.4f}")
+      0.1764
+      >>> print(f"{kldiv.renyi_from_logits(logits_p, logits_q, alpha=2.0, temperature=2.0):.4f}")
+      0.0471
     """
     return _renyi("logits", logits_p, logits_q, alpha, axis, where, temperature)

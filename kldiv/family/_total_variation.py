@@ -34,6 +34,14 @@ def total_variation(
     p = q). In the log spaces p − q is formed from the accurate log-ratio
     (−p·expm1(−log(p/q))), so small distances keep their relative accuracy.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> p = jnp.array([0.5, 0.5])  # target
+      >>> q = jnp.array([0.25, 0.75])  # model
+      >>> print(f"{kldiv.total_variation(p, q):.4f}")
+      0.2500
+
     References:
       Tsybakov (2009), "Introduction to Nonparametric Estimation", Definition 2.4.
     """
@@ -43,7 +51,16 @@ def total_variation(
 def total_variation_from_log_probs(
     log_p: ArrayLike, log_q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
-    """Total variation ½ Σ |p − q| from log-probabilities. See :func:`total_variation`."""
+    """Total variation ½ Σ |p − q| from log-probabilities. See :func:`total_variation`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> log_p = jnp.log(jnp.array([0.5, 0.5]))  # target
+      >>> log_q = jnp.log(jnp.array([0.25, 0.75]))  # model
+      >>> print(f"{kldiv.total_variation_from_log_probs(log_p, log_q):.4f}")
+      0.2500
+    """
     return simple(_TV, "log_probs", log_p, log_q, axis, where, 1.0)
 
 
@@ -55,5 +72,16 @@ def total_variation_from_logits(
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
 ) -> jax.Array:
-    """Total variation of softmax(logits_p/T) and softmax(logits_q/T). See total_variation."""
+    """Total variation of softmax(logits_p/T) and softmax(logits_q/T). See total_variation.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import kldiv
+      >>> logits_p = jnp.array([2.0, 1.0, 0.1])  # teacher
+      >>> logits_q = jnp.array([1.5, 1.5, 0.0])  # student
+      >>> print(f"{kldiv.total_variation_from_logits(logits_p, logits_q):.4f}")
+      0.2092
+      >>> print(f"{kldiv.total_variation_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
+      0.1002
+    """
     return simple(_TV, "logits", logits_p, logits_q, axis, where, temperature)
