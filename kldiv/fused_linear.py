@@ -48,6 +48,29 @@ WEIGHT_TILE_BYTES = 16 * 2**20
 MIN_WEIGHT_TILE = 64
 
 
+class _Tuning(NamedTuple):
+    chunk_bytes: int  # bytes of one [C, V] logits block per chunk
+    min_chunk: int  # tokens per chunk at least
+    weight_tile_bytes: int | None  # None: one weight-gradient tile over all of H
+
+
+# Per backend. CPU: sizes measured on a 2-core x86 CPU (above). GPU: large matrix products keep
+# the tensor cores busy and every extra chunk re-reads the [H, V] float32 accumulator, so chunks
+# of at least 1024 tokens and one weight-gradient product over all of H per chunk; set from
+# the shapes' arithmetic, not yet measured on GPU hardware (`make gpu-check` times them).
+_ACCELERATOR_TUNING = {
+    "gpu": _Tuning(1024 * 2**20, 1024, None),
+    "tpu": _Tuning(512 * 2**20, 1024, None),
+}
+
+
+def _tuning(backend: str | None = None) -> _Tuning:
+    backend = jax.default_backend() if backend is None else backend
+    backend = "gpu" if backend in ("cuda", "rocm") else backend
+    cpu = _Tuning(CHUNK_BYTES, MIN_CHUNK, WEIGHT_TILE_BYTES)
+    return _ACCELERATOR_TUNING.get(backend, cpu)
+
+
 class _Config(NamedTuple):
     """Static (hashable) configuration of one fused call."""
 
@@ -134,7 +157,10 @@ def _accumulate_weight_grad(acc, x, dz):
     and only small column slices of ``x`` are copied (dz is used whole).
     """
     h = x.shape[1]
-    n_rows = WEIGHT_TILE_BYTES // max(1, dz.shape[1] * dz.dtype.itemsize)
+    tile_bytes = _tuning().weight_tile_bytes
+    if tile_bytes is None:
+        return acc + _weight_grad(x, dz)
+    n_rows = tile_bytes // max(1, dz.shape[1] * dz.dtype.itemsize)
     tile = max(1, min(h, max(MIN_WEIGHT_TILE, n_rows)))
     if tile >= h:
         return acc + _weight_grad(x, dz)
@@ -368,9 +394,11 @@ def fused_linear_kl(
         vocabularies differ (e.g. padded 151936 vs 151665 columns); otherwise a ValueError names
         both sizes. The student's columns beyond V get zero gradient.
       dataset_size, count, batch_size: passed to :func:`kldiv.reduce`.
-      chunk_size: tokens per chunk; default: about ``CHUNK_BYTES`` of ``[C, V]`` logits, at
-        least ``MIN_CHUNK`` tokens. Temporary memory is about four ``[C, V]`` blocks plus one
-        ``[H, V]`` weight-gradient accumulator, whatever the number of tokens.
+      chunk_size: tokens per chunk; default per backend: on CPU about ``CHUNK_BYTES`` of
+        ``[C, V]`` logits, at least ``MIN_CHUNK`` tokens; on GPU and TPU at least 1024 tokens
+        and one weight-gradient product over all of H per chunk. Temporary memory is about
+        four ``[C, V]`` blocks plus one ``[H, V]`` weight-gradient accumulator, whatever the
+        number of tokens.
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
@@ -499,7 +527,8 @@ def fused_linear_kl(
 
     itemsize = jnp.dtype(cdt).itemsize
     if chunk_size is None:
-        chunk = max(MIN_CHUNK, CHUNK_BYTES // max(1, v * itemsize))
+        tuning = _tuning()
+        chunk = max(tuning.min_chunk, tuning.chunk_bytes // max(1, v * itemsize))
     else:
         chunk = int(chunk_size)
     chunk = max(1, min(max(n, 1), chunk))

@@ -297,3 +297,12 @@ def test_temporary_memory_is_small_and_flat_in_n():
     ours_4n = _temp(fused, 2048, h, v, 32)
     assert ours_4n - ours <= 2 * 4 * h * (2048 - 512), (ours, ours_4n)
     assert _temp(materialised, 2048, h, v, None) >= 2.5 * peer  # grows with N·V
+
+
+def test_chunk_and_tile_sizes_per_backend():
+    """On GPU and TPU: chunks of at least 1024 tokens and one weight-gradient product over all
+    of H per chunk; on CPU the measured cache-sized defaults."""
+    cpu, gpu = fused_linear._tuning("cpu"), fused_linear._tuning("cuda")
+    assert cpu.min_chunk == fused_linear.MIN_CHUNK and cpu.weight_tile_bytes is not None
+    assert gpu.min_chunk >= 1024 and gpu.weight_tile_bytes is None
+    assert fused_linear._tuning("tpu").weight_tile_bytes is None

@@ -116,10 +116,20 @@ def _prepared_rows(x, where, start, c, dtype, t, center=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _kl_rows(a, b, where, c, t):
-    return _kl_rows_fwd(a, b, where, c, t)[0]
+    return _forward(a, b, where, c, t)[0]
 
 
 def _kl_rows_fwd(a, b, where, c, t):
+    """The forward pass with symbolic zeros: an input that is not differentiated (a frozen
+    teacher, the distillation case) gets no gradient pass and no gradient write at all. Which
+    inputs need one is carried in the residuals' structure: a ``(None,)`` marker or ``()``."""
+    where = getattr(where, "value", where)  # None (no mask) has no leaves to wrap
+    kl, res = _forward(a.value, b.value, where, c, t)
+    wanted = tuple((None,) if x.perturbed else () for x in (a, b))
+    return kl, (res, wanted)
+
+
+def _forward(a, b, where, c, t):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
     # Stored in the compute dtype and unmasked, the raw row maxima of the whole arrays come
@@ -152,7 +162,8 @@ def _kl_rows_fwd(a, b, where, c, t):
 
 def _kl_rows_bwd(c, t, res, g):
     del c
-    a, b, where, kl, ca, cb, sa, sb = res
+    (a, b, where, kl, ca, cb, sa, sb), wanted = res
+    need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
     g = tempered_row_cotangent(g, dtype, t)
     stats = (tempered_max(ca, t), tempered_max(cb, t), sa, sb)
@@ -167,13 +178,13 @@ def _kl_rows_bwd(c, t, res, g):
     # gradient (no temporary) — possible only when the gradients have the compute dtype. For
     # narrower inputs the barrier keeps the passes independent (the shared terms are
     # recomputed), so that no [N, V] temporary in the compute dtype is made.
-    ga = grad(0, a, b)
-    if a.dtype != dtype or b.dtype != dtype:
+    ga = grad(0, a, b) if need_a else None
+    if need_a and need_b and (a.dtype != dtype or b.dtype != dtype):
         a, b = jax.lax.optimization_barrier((a, b))
-    return ga, grad(1, a, b), None
+    return ga, (grad(1, a, b) if need_b else None), None
 
 
-_kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
+_kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd, symbolic_zeros=True)
 
 
 def kl_logits_chunked(

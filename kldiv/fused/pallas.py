@@ -133,9 +133,12 @@ def _fwd_kernel(*refs, block, temperature, has_where):
     sb_ref[...] = sb
 
 
-def _bwd_kernel(*refs, block, temperature, has_where):
+def _bwd_kernel(*refs, block, temperature, has_where, wanted):
+    """Writes the gradients in ``wanted`` (``"a"``, ``"b"`` or both): a frozen input (the
+    teacher in distillation) costs no gradient write."""
     a_ref, b_ref, w_ref, rest = _split_refs(refs, has_where, 2 + has_where)
-    kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, ga_ref, gb_ref = rest
+    kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, *out_refs = rest
+    grad_refs = dict(zip(wanted, out_refs, strict=True))
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     ma, mb = ma_ref[...], mb_ref[...]  # the raw row maxima (centres)
     stats = (tempered_max(ma, temperature), tempered_max(mb, temperature), sa_ref[...], sb_ref[...])
@@ -144,9 +147,10 @@ def _bwd_kernel(*refs, block, temperature, has_where):
 
     def step(i, carry):
         a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, (ma, mb))
-        ga, gb = kl_logits_grads(*logits_terms(a, b, *stats), kl)
-        plgpu.store(ga_ref.at[idx], masked_logits_cotangent(ga * g, ga_ref.dtype, w), mask=mask)
-        plgpu.store(gb_ref.at[idx], masked_logits_cotangent(gb * g, gb_ref.dtype, w), mask=mask)
+        grads = dict(zip("ab", kl_logits_grads(*logits_terms(a, b, *stats), kl), strict=True))
+        for name, ref in grad_refs.items():
+            cot = masked_logits_cotangent(grads[name] * g, ref.dtype, w)
+            plgpu.store(ref.at[idx], cot, mask=mask)
         return carry
 
     jax.lax.fori_loop(0, n_blocks, step, 0)
@@ -227,23 +231,32 @@ def _kl_rows(a, b, where, block, interpret, temperature):
 
 
 def _kl_rows_fwd(a, b, where, block, interpret, temperature):
+    """Forward with symbolic zeros: which inputs are differentiated decides which gradients the
+    backward kernel writes; it travels in the residuals' structure (a marker string)."""
+    wanted = "".join(name for name, x in zip("ab", (a, b), strict=True) if x.perturbed)
+    a, b, where = a.value, b.value, getattr(where, "value", where)
     kl, *stats = _forward(a, b, where, block, interpret, temperature)
-    return kl[:, 0], (a, b, where, kl, *stats)
+    return kl[:, 0], ((a, b, where, kl, *stats), {name: () for name in wanted})
 
 
 def _kl_rows_bwd(block, interpret, temperature, res, g):
-    a, b, where, kl, *stats = res
+    (a, b, where, kl, *stats), marker = res
+    wanted = "".join(sorted(marker))
     n, v = a.shape
+    if not wanted:
+        return None, None, None
     g = tempered_row_cotangent(g, kl.dtype, temperature)
     rows = _row_inputs(a, b, where)
-    outs = (_out_struct((n, v), a.dtype, a), _out_struct((n, v), b.dtype, a))
-    kw = dict(temperature=temperature, has_where=where is not None)
-    call = _call(_bwd_kernel, n, v, len(rows), 6, outs, (_row_spec(v),) * 2, block, interpret, **kw)
-    ga, gb = call(*rows, kl, *stats, g)
-    return ga, gb, None
+    dtypes = {"a": a.dtype, "b": b.dtype}
+    outs = tuple(_out_struct((n, v), dtypes[name], a) for name in wanted)
+    kw = dict(temperature=temperature, has_where=where is not None, wanted=wanted)
+    specs = (_row_spec(v),) * len(wanted)
+    call = _call(_bwd_kernel, n, v, len(rows), 6, outs, specs, block, interpret, **kw)
+    grads = dict(zip(wanted, call(*rows, kl, *stats, g), strict=True))
+    return grads.get("a"), grads.get("b"), None
 
 
-_kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
+_kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd, symbolic_zeros=True)
 
 
 def kl_logits_pallas(
