@@ -280,7 +280,7 @@ def plot(rows, path_prefix: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["impl"] for r in timed]
     x = np.arange(len(timed))
-    axes[0].bar(x - 0.2, [r["fwd_ms"] for r in timed], 0.4, label="forward")
+    axes[0].bar(x - 0.2, [r.get("fwd_ms") or 0 for r in timed], 0.4, label="forward")
     axes[0].bar(x + 0.2, [r["fwdbwd_ms"] for r in timed], 0.4, label="forward+backward")
     axes[0].set_xticks(x, names, rotation=30, ha="right")
     axes[0].set_ylabel("median time (ms)")
