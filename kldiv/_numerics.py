@@ -158,6 +158,12 @@ def _varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))  # JAX 0.7–0.9
 
 
+def _to_varying(x, axes: tuple):
+    if hasattr(jax.lax, "pcast"):  # JAX ≥ 0.8
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]  (JAX 0.7)
+
+
 def match_vma(*xs):
     """The arrays made varying over the same mapped axes (inside ``shard_map``), None kept.
 
@@ -174,9 +180,7 @@ def match_vma(*xs):
     if not union:
         return xs
     return tuple(
-        x
-        if x is None or vma == union
-        else jax.lax.pcast(x, tuple(sorted(union - vma)), to="varying")
+        x if x is None or vma == union else _to_varying(x, tuple(sorted(union - vma)))
         for x, vma in zip(xs, vmas, strict=True)
     )
 

@@ -16,8 +16,8 @@ import io
 import pkgutil
 import re
 
-import jax
 import pytest
+from _jax_compat import enable_x64
 
 import kldiv
 import kldiv.nnx
@@ -61,7 +61,7 @@ def _doctests(module_name: str) -> list[doctest.DocTest]:
 def test_docstring_examples(module_name):
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     out = io.StringIO()
-    with jax.enable_x64(False):
+    with enable_x64(False):
         for test in _doctests(module_name):
             runner.run(test, out=out.write)
     failed, _ = runner.summarize(verbose=False)

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.special
+from _jax_compat import enable_x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -400,7 +401,7 @@ def _lower_for_gpu(shape, dtype, masked, t):
         ),
         (0, 1),
     )
-    with jax.enable_x64(False):
+    with enable_x64(False):
         try:
             return jax.jit(f).trace(x, x, m).lower(lowering_platforms=("cuda",)).as_text()
         except (ImportError, RuntimeError) as e:  # jaxlib without Triton/CUDA lowering support

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _jax_compat import enable_x64
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -86,7 +87,7 @@ def _value_and_grads(impl, a, b, where, t, traced):
 
 def _run(case, traced):
     a, b, where, t, dtype = case
-    with jax.enable_x64(False):
+    with enable_x64(False):
         a_, b_ = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         results = {impl: _value_and_grads(impl, a_, b_, where, t, traced) for impl in IMPLS}
     return results
