@@ -31,6 +31,7 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._logits import temper_and_mask
+from kldiv._numerics import safe_max, sum_exp
 from kldiv.discrete import kl_from_log_probs, kl_from_logits
 from kldiv.reductions import Reduction, reduce
 
@@ -55,9 +56,8 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 def _logsumexp(x: jax.Array) -> jax.Array:
     """logsumexp over the last axis (kept), −inf for rows of −inf, with finite gradients."""
-    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf))
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
+    m = safe_max(jax.lax.stop_gradient(x))
+    s = sum_exp(x, m)
     return jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)) + m, -jnp.inf)
 
 
@@ -197,9 +197,8 @@ def kl_topk_teacher(
         values = kl_from_logits(lp, s_k, impl="xla")
     else:
         # Student: log q_i = s_i − L over the k ids; tail from the same centred exponentials.
-        m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-        m = jnp.where(jnp.isfinite(m), m, 0)
-        total = jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True)
+        m = safe_max(jax.lax.stop_gradient(s))
+        total = sum_exp(s, m)
         top = jnp.sum(jnp.exp(s_k - m), axis=-1, keepdims=True)
         log_q = s_k - m - jnp.log(total)
         # Teacher tail: log(1 − Σ_k p) via log1mexp of the (≤ 0) logsumexp.
