@@ -13,6 +13,7 @@ a few ulps. See Csiszár (1991) for this (generalised) form of the KL divergence
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -276,37 +277,122 @@ def kl_logits_grads(p, q, xh, kl):
     return saturate(ga), q - p
 
 
-def block_stats(x: jax.Array, temperature: float = 1.0):
-    """Raw (max, Σ exp((x − max)/T)) of a block along the last axis, for :func:`merge_stats`.
-
-    ``x`` holds raw (untempered, masked) logits, so the maximum is the centre of
-    ``_logits.temper_and_mask``. Unlike :func:`logits_stats` nothing is patched: an all −inf
-    block gives (−inf, 0), the identity of the merge.
-    """
-    m = jnp.max(x, axis=-1, keepdims=True)
-    m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m, jnp.sum(jnp.exp(_scaled(x - m_safe, temperature)), axis=-1, keepdims=True)
-
-
 def _scaled(d, temperature: float):
     return d if temperature == 1 else d / temperature
 
 
-def merge_stats(m1, s1, m2, s2, temperature: float = 1.0):
-    """Combines raw (max, Σexp) pairs of two blocks of one row (the online logsumexp).
+def _block_weight(m, s, m_all, temperature: float):
+    """log of a block's share s·e^{(m − m_all)/T} of Σexp about the merged maximum (−inf for an
+    empty block), and the share itself."""
+    m_safe = jnp.where(jnp.isfinite(m_all), m_all, jnp.zeros_like(m_all))
+    empty = (m == -jnp.inf) | (s <= 0)
+    gap = _scaled(jnp.where(empty, m_safe, m) - m_safe, temperature)
+    log_w = jnp.where(empty, -jnp.inf, gap + jnp.log(jnp.where(empty, 1.0, s)))
+    return log_w, jnp.where(empty, jnp.zeros_like(s), s * jnp.exp(gap))
 
-    m = max(m1, m2), s = s1·e^{(m1−m)/T} + s2·e^{(m2−m)/T} (Milakov & Gimelshein 2018); a block
-    with m = −inf (empty) contributes nothing.
+
+class BlockKL(NamedTuple):
+    """Online state of KL(softmax(a/T)‖softmax(b/T)) over the blocks of one row seen so far.
+
+    ``ma``, ``mb``: raw (untempered) maxima, −inf while empty; ``sa``, ``sb``: Σ exp((x − m)/T)
+    about them; ``u``: log(sa/sb), kept with the relative accuracy of its own size (it is formed
+    as log1p of the summed differences, not from ``sa`` and ``sb``); ``kl``: the KL of the two
+    distributions restricted to (and renormalised over) those blocks (0 while p is empty).
+    Created per block by :func:`block_kl`, merged with :func:`merge_block_kl`, whose identity is
+    ``(−inf, 0, −inf, 0, 0, 0)``; :func:`finish_stats` turns the maxima and sums into the
+    convention of :func:`logits_stats`.
     """
-    m = jnp.maximum(m1, m2)
-    m_safe = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
-    def scale(mi, si):
-        return jnp.where(
-            mi == -jnp.inf, jnp.zeros_like(si), si * jnp.exp(_scaled(mi - m_safe, temperature))
-        )
+    ma: jax.Array
+    sa: jax.Array
+    mb: jax.Array
+    sb: jax.Array
+    u: jax.Array
+    kl: jax.Array
 
-    return m, scale(m1, s1) + scale(m2, s2)
+
+def block_kl(a, b, ma, mb, ta, tb) -> BlockKL:
+    """The :class:`BlockKL` of one block of tempered, masked logit rows ``a``, ``b`` (as
+    ``_logits.temper_and_mask`` gives them, centred on the block's raw maxima ``ma``, ``mb``,
+    whose tempered values are ``ta``, ``tb``); the last axis is reduced (kept as size 1).
+
+    The block's KL is that of every other path (:func:`logits_terms`, :func:`logit_kl_terms`);
+    u = log(sa/sb) = log1p(Σ q·expm1(d)), d the centred log-ratio of each entry, so that it has
+    relative accuracy when p ≈ q (the merge needs the blocks' mass ratios to that accuracy).
+    """
+    sa, sb = sum_exp(a, ta), sum_exp(b, tb)
+    p, q, xh = logits_terms(a, b, ta, tb, sa, sb)
+    kl = jnp.sum(logit_kl_terms(p, q, xh), axis=-1, keepdims=True)
+    sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
+    dh = xh + 0.5 * jnp.log1p((jnp.where(sa > 0, sa, sb1) - sb1) / sb1)  # d/2, centred
+    live = q > 0
+    rel = jnp.sum(jnp.where(live, q * jnp.expm1(2 * jnp.where(live, dh, 0)), 0), -1, keepdims=True)
+    u = jnp.where((sa > 0) & (sb > 0), jnp.log1p(rel), jnp.log(sa) - jnp.log(sb))
+    m_a = jnp.where(sa > 0, ma, -jnp.inf)
+    m_b = jnp.where(sb > 0, mb, -jnp.inf)
+    return BlockKL(m_a, sa, m_b, sb, u, kl)
+
+
+def merge_block_kl(x: BlockKL, y: BlockKL, temperature: float = 1.0) -> BlockKL:
+    """The state of the union of two disjoint sets of blocks of one row (one-pass KL).
+
+    The chain rule of the KL divergence over a partition: with π_i, ρ_i the masses of p and q
+    on the parts,
+
+        KL(p‖q) = π_1·KL_1 + π_2·KL_2 + KL([π_1, π_2] ‖ [ρ_1, ρ_2]),
+
+    every term ≥ 0, so nothing cancels however the parts differ. The two-point KL needs the
+    parts' log mass ratios x_i = log(π_i/ρ_i) to the accuracy of their own size (near p ≈ q
+    they are tiny): y_i = log(A_i/B_i) − (m_a − m_b)/T from the parts' ``u`` and their maxima's
+    gaps (error-free, :func:`two_diff`), u = log Σ ρ_i·e^{y_i} = log1p(Σ ρ_i·expm1(y_i)),
+    x_i = y_i − u. Parts where p or q is empty take the plain log-masses. A part with π = 0 adds
+    nothing (also where its own KL is +inf from an underflowed mass, as on the XLA path).
+    """
+    t = temperature
+    ma, mb = jnp.maximum(x.ma, y.ma), jnp.maximum(x.mb, y.mb)
+    la1, wa1 = _block_weight(x.ma, x.sa, ma, t)
+    la2, wa2 = _block_weight(y.ma, y.sa, ma, t)
+    lb1, wb1 = _block_weight(x.mb, x.sb, mb, t)
+    lb2, wb2 = _block_weight(y.mb, y.sb, mb, t)
+    sa, sb = wa1 + wa2, wb1 + wb2
+    sa1 = jnp.where(sa > 0, sa, jnp.ones_like(sa))
+    sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
+    pi1, pi2, rho1, rho2 = wa1 / sa1, wa2 / sa1, wb1 / sb1, wb2 / sb1
+    full = jnp.isfinite(la1) & jnp.isfinite(la2) & jnp.isfinite(lb1) & jnp.isfinite(lb2)
+
+    def safe(m):
+        return jnp.where(full, m, jnp.zeros_like(m))
+
+    g_hi, g_lo = two_diff(safe(ma), safe(mb))
+
+    def y_of(part: BlockKL):
+        hi, lo = two_diff(safe(part.ma), safe(part.mb))
+        return _scaled((hi - g_hi) + (lo - g_lo), t) + safe(part.u)
+
+    y1, y2 = y_of(x), y_of(y)
+    # expm1(y) must not overflow (ρ ≤ 1): beyond that the parts differ so much that the plain
+    # log-masses below are accurate enough.
+    full = full & (jnp.maximum(y1, y2) < math.log(jnp.finfo(y1.dtype).max) - 1)
+    y1, y2 = safe(y1), safe(y2)
+    u_acc = jnp.log1p(rho1 * jnp.expm1(y1) + rho2 * jnp.expm1(y2))
+    # Accurate where all four masses are positive; a part empty in both p and q leaves the
+    # other part's state as it is; otherwise (a support mismatch) from the log-masses.
+    none1 = (x.sa <= 0) & (x.sb <= 0)
+    none2 = (y.sa <= 0) & (y.sb <= 0)
+    log_norm = jnp.log(sa1) - jnp.log(sb1)
+    u = jnp.where(none1, y.u, jnp.where(none2, x.u, jnp.where(full, u_acc, log_norm)))
+    # x = log(π/ρ); −inf where π = 0 (kl_terms then gives ρ, the mass q has there).
+    x1 = jnp.where(full, y1 - u_acc, jnp.where(pi1 > 0, la1 - lb1 - log_norm, -jnp.inf))
+    x2 = jnp.where(full, y2 - u_acc, jnp.where(pi2 > 0, la2 - lb2 - log_norm, -jnp.inf))
+    x1, x2 = (jnp.where(none1 | none2, jnp.zeros_like(x1), xi) for xi in (x1, x2))
+    two_point = kl_terms(pi1, rho1, x1) + kl_terms(pi2, rho2, x2)
+    two_point = jnp.where(sb > 0, two_point, jnp.where(sa > 0, jnp.inf, 0.0))
+
+    def part(pi, kl):
+        return jnp.where(pi > 0, pi * kl, jnp.where(jnp.isnan(kl), kl, jnp.zeros_like(kl)))
+
+    kl = part(pi1, x.kl) + part(pi2, y.kl) + two_point
+    return BlockKL(ma, sa, mb, sb, u, kl)
 
 
 def finish_stats(m, s):

@@ -136,7 +136,8 @@ def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, imp
     if impl == "pallas" and jax.default_backend() != "gpu":
         pytest.xfail(
             "Pallas interpret mode (off GPU) fails inside shard_map with check_vma=True in JAX "
-            "0.10.2: its grid scan's carry loses the varying axes (a JAX bug, not kldiv's)"
+            "0.10.2: its evaluation of the kernel's block loop and indexed loads drops the "
+            "varying axes (a JAX bug, not kldiv's)"
         )
     rng = np.random.default_rng(5)
     a = rng.normal(size=(8, 16)) * 2

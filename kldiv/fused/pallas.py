@@ -1,10 +1,13 @@
 """Pallas kernel for KL from logits, row-wise fused forward and backward (``impl="pallas"``).
 
-One program per row (grid = N). The forward kernel walks over the row in vocabulary blocks twice:
-first the online logsumexp statistics of both logits (``_numerics.block_stats`` merged with
-``merge_stats``; Milakov & Gimelshein 2018), then the KL terms (``logits_terms``, ``kl_terms``)
-summed per block. It writes the KL and the four row statistics, which are all the backward kernel
-needs besides the inputs: it walks over the row once more and writes both gradients
+One program per row (grid = N). The forward kernel reads each row once, in vocabulary blocks:
+per block the block's own maxima, Σexp and KL (``logits_terms``, ``logit_kl_terms``, centred on
+the block's maxima), merged into a running state as the online logsumexp merges its statistics
+(Milakov & Gimelshein 2018), with the KL merged by its chain rule over a partition,
+KL = π₁·KL₁ + π₂·KL₂ + KL([π₁, π₂]‖[ρ₁, ρ₂]) (``_numerics.merge_block_kl``): every term is
+non-negative, so the one-pass value keeps the relative accuracy of the two-pass one near p ≈ q.
+It writes the KL and the four row statistics, which are all the backward kernel needs besides
+the inputs: it walks over the row once more and writes both gradients
 (``kl_logits_grads``) scaled by the incoming cotangent. Nothing of size N·V is ever stored besides
 the inputs and the gradients themselves. The inputs are read in their storage dtype (e.g.
 bfloat16) together with the optional boolean mask, and every loaded block goes through
@@ -36,13 +39,13 @@ from kldiv._logits import (
     tempered_row_cotangent,
 )
 from kldiv._numerics import (
-    block_stats,
+    BlockKL,
+    block_kl,
     finish_stats,
     kl_logits_grads,
-    logit_kl_terms,
     logits_terms,
     match_vma,
-    merge_stats,
+    merge_block_kl,
 )
 
 __all__: list[str] = []
@@ -94,39 +97,43 @@ def _split_refs(refs, has_where, n_in):
     return a_ref, b_ref, w_ref, refs[n_in:]
 
 
+def _block_state(a, b, dtype, temperature) -> BlockKL:
+    """The one-pass state of one loaded block of raw (cast and masked) logit rows: its own
+    maxima, Σexp and KL, computed as :func:`kl_logits_aligned` computes a whole row
+    (``temper_and_mask`` centred on the block's maxima, ``logits_terms``, ``logit_kl_terms``)."""
+    ca, cb = (jnp.max(x, keepdims=True) for x in (a, b))
+    ca, cb = (jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)) for m in (ca, cb))
+    at, bt = (temper_and_mask(x, dtype, temperature, None, c) for x, c in ((a, ca), (b, cb)))
+    ta, tb = tempered_max(ca, temperature), tempered_max(cb, temperature)
+    return block_kl(at, bt, ca, cb, ta, tb)
+
+
 def _fwd_kernel(*refs, block, temperature, has_where):
+    """One pass over the row: each block's own statistics and KL, merged into the running state
+    by the chain rule of the KL divergence (``_numerics.merge_block_kl``)."""
     a_ref, b_ref, w_ref, (kl_ref, ma_ref, mb_ref, sa_ref, sb_ref) = _split_refs(
         refs, has_where, 2 + has_where
     )
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     dtype = kl_ref.dtype
-
     t = temperature
 
-    def stats_step(i, carry):
-        ma, sa, mb, sb, nans = carry
+    def step(i, carry):
+        state, nans = carry
         a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, t)[:2]
-        ma, sa = merge_stats(ma, sa, *block_stats(a, t), t)
-        mb, sb = merge_stats(mb, sb, *block_stats(b, t), t)
+        state = merge_block_kl(state, _block_state(a, b, dtype, t), t)
         # NaN in an unmasked entry propagates as on the XLA path (a GPU max would drop it).
         nans = nans + jnp.sum((jnp.isnan(a) | jnp.isnan(b)).astype(dtype), keepdims=True)
-        return ma, sa, mb, sb, nans
+        return state, nans
 
     empty_m = jnp.full((1,), -jnp.inf, dtype)
     zero = jnp.zeros((1,), dtype)
-    ma, sa, mb, sb, nans = jax.lax.fori_loop(
-        0, n_blocks, stats_step, (empty_m, zero, empty_m, zero, zero)
+    state, nans = jax.lax.fori_loop(
+        0, n_blocks, step, (BlockKL(empty_m, zero, empty_m, zero, zero, zero), zero)
     )
-    ma, sa = finish_stats(ma, sa)  # ma, mb: the raw row maxima, the centres of the tempering
-    mb, sb = finish_stats(mb, sb)
-    stats = (tempered_max(ma, t), tempered_max(mb, t), sa, sb)
-
-    def kl_step(i, acc):
-        a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, t, (ma, mb))[:2]
-        return acc + jnp.sum(logit_kl_terms(*logits_terms(a, b, *stats)), keepdims=True)
-
-    kl = jax.lax.fori_loop(0, n_blocks, kl_step, zero)
-    kl_ref[...] = jnp.where(nans > 0, jnp.nan, kl)
+    ma, sa = finish_stats(state.ma, state.sa)  # the raw row maxima: the backward's centres
+    mb, sb = finish_stats(state.mb, state.sb)
+    kl_ref[...] = jnp.where(nans > 0, jnp.nan, state.kl)
     ma_ref[...] = ma
     mb_ref[...] = mb
     sa_ref[...] = sa
