@@ -484,9 +484,9 @@ def fused_linear_kl(
         τ: peaked distributions with a long tail of tokens no context in a chunk predicts,
         clustered into whole tiles — sort the vocabulary (e.g. by the teacher's mean logit) and
         apply the same permutation ``perm`` to both weights' columns (``weight[:, perm]``) and
-        the labels (``argsort(perm)[labels]``): the divergence is invariant under it. On
-        unsorted or flat (high-entropy) distributions nothing is skipped and the filtered path
-        costs about as much as the exact one.
+        the labels (``argsort(perm)[labels]``): the divergence is invariant under it. Where
+        no block is below τ (flat, high-entropy or unsorted distributions) nothing is skipped:
+        the filtered path then runs every product, in tiles, plus the per-tile test.
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
