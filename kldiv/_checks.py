@@ -321,6 +321,23 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"kldiv: `{name}` must be a number > 0 or None; got {value!r}.")
 
 
+def check_grad_filter(value) -> float | None:
+    """``grad_filter`` of the fused linear head: None (exact), or a Python number ≥ 0 (a static
+    threshold; it is part of the compiled configuration). Returned as a float. TypeError for
+    booleans, arrays and other objects, ValueError for negative, NaN or infinite values."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            "kldiv: `grad_filter` must be None or a Python number ≥ 0 (a static threshold on "
+            f"the per-token student-logit gradient); got {type(value).__name__}."
+        )
+    v = float(value)
+    if not (np.isfinite(v) and v >= 0):
+        raise ValueError(f"kldiv: `grad_filter` must be finite and ≥ 0; got {value!r}.")
+    return v
+
+
 def as_keep_mask(mask, shape: tuple[int, ...], name: str) -> jax.Array | None:
     """Boolean view of a keep-mask (numeric weights: nonzero = kept), broadcast to ``shape``."""
     mask = check_mask(mask, shape, name, numeric=True)

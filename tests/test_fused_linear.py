@@ -355,3 +355,189 @@ def test_out_of_range_labels():
     )
     dropped = np.where(np.arange(N) == 2, -100, labels)
     np.testing.assert_allclose(f(labels), f(dropped), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# grad_filter: the backward products of [chunk × vocabulary-tile] blocks whose per-token
+# student-logit gradients are all ≤ τ are skipped. Tiles of 4 columns here (V = 19: the last
+# tile overlaps the one before it).
+
+
+def _peaked_inputs(seed=10, n=N, v=V):
+    """Hidden states with a constant coordinate whose weight row is a Zipf-like bias −3·ln(1+v):
+    the high columns are many nats below the top ones for every token, as a sorted real
+    vocabulary's tail is."""
+    hs, ws, ht, wt = _inputs(seed, n=n, v=v)
+    hs[:, 0] = ht[:, 0] = 1.0
+    bias = -3.0 * np.log1p(np.arange(v))
+    ws[0] = bias + 0.1 * ws[0]
+    wt[0] = bias
+    return hs, ws, ht, wt
+
+
+def _filtered(reduction, grad_filter, *, inputs=None, chunk_size=4, **kw):
+    hs, ws, ht, wt = _peaked_inputs() if inputs is None else inputs
+    cot = np.arange(1.0, N + 1) if reduction == "none" else 1.0
+
+    def f(hs, ws):
+        out = fused_linear_kl(
+            ht,
+            wt,
+            hs,
+            ws,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            grad_filter=grad_filter,
+            **kw,
+        )
+        return jnp.sum(out * cot), out
+
+    (_, value), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(hs, ws)
+    return value, grads
+
+
+@pytest.fixture
+def small_filter_tiles(monkeypatch):
+    monkeypatch.setattr(fused_linear, "GRAD_FILTER_TILE", 4)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_filter_zero_is_the_exact_gradient(small_filter_tiles, direction, reduction):
+    labels = _rng(11).integers(0, V, N)
+    labels[3] = -100
+    kw = dict(
+        direction=direction,
+        temperature=1.7,
+        mask=_rng(12).random(N) > 0.2,
+        labels=labels,
+        hard_weight=0.3,
+    )
+    want_v, want_g = _filtered(reduction, None, **kw)
+    got_v, got_g = _filtered(reduction, 0.0, **kw)
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-14)
+    for a, b in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    # ... and the float64 materialised reference.
+    _check(reduction, direction, t=1.7, labels=labels, hard_weight=0.3)
+
+
+def _per_token_logit_grads(hs, ws, ht, wt, t=1.0):
+    """g_iv = ∂ℓ_i/∂z_s,iv (forward KL), materialised in float64."""
+    zs, zt = hs @ ws, ht @ wt
+    return jax.nn.softmax(zs / t) / t - jax.nn.softmax(zt / t) / t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("tau", [1e-4, 0.05])
+def test_grad_filter_error_within_the_documented_bound(small_filter_tiles, reduction, tau):
+    inputs = _peaked_inputs()
+    hs, ws, ht, wt = inputs
+    mask = np.ones(N, bool)
+    mask[[2, 7]] = False
+    want_v, (gh, gw) = _filtered(reduction, None, inputs=inputs, temperature=1.3, mask=mask)
+    got_v, (gh_f, gw_f) = _filtered(reduction, tau, inputs=inputs, temperature=1.3, mask=mask)
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-14)  # the value is never filtered
+    # c_i: the cotangent of token i's value.
+    c = np.where(mask, np.arange(1.0, N + 1) if reduction == "none" else 1.0, 0.0)
+    c = c / mask.sum() if reduction == "mean" else c
+    # Dropped entries have |g_iv| ≤ τ: |Δgh[i, h]| ≤ τ·|c_i|·‖W[h, :]‖₁ and
+    # |Δgw[h, v]| ≤ τ·Σ_i |c_i|·|x[i, h]|, up to rounding.
+    bound_h = tau * np.abs(c)[:, None] * np.abs(ws).sum(1)[None, :]
+    bound_w = tau * (np.abs(c)[:, None] * np.abs(hs)).sum(0)[:, None]
+    assert np.all(np.abs(gh_f - gh) <= bound_h + 1e-14)
+    assert np.all(np.abs(gw_f - gw) <= bound_w + 1e-14)
+    # The last tile's own columns (16–18) are below τ for every kept token at τ = 0.05: never
+    # computed, their weight gradient is exactly 0 (the exact one is not).
+    g = np.abs(_per_token_logit_grads(hs, ws, ht, wt, 1.3))[mask]
+    if tau >= 0.05:
+        assert np.all(g[:, 16:] <= tau) and np.all(gw[:, 16:] != 0)
+    if np.all(g[:, 16:] <= tau):
+        assert np.all(gw_f[:, 16:] == 0)
+    np.testing.assert_allclose(gw_f[:, :4], gw[:, :4], rtol=1e-12)  # the head is kept
+
+
+def test_grad_filter_drops_only_whole_tiles_below_the_threshold(small_filter_tiles):
+    """With τ above every |g_iv| the backward products vanish, one tile below it and nothing
+    else: the gradient equals the exact one with those columns of the logit gradient zeroed."""
+    inputs = _peaked_inputs()
+    hs, ws, ht, wt = inputs
+    _, (gh, gw) = _filtered("sum", 10.0, inputs=inputs, chunk_size=N)
+    assert np.all(gh == 0) and np.all(gw == 0)
+    g = _per_token_logit_grads(hs, ws, ht, wt)
+    tiles = [np.abs(g[:, i : i + 4]).max() for i in range(0, V, 4)]
+    tau = float(np.sort(tiles)[0]) * 1.0001  # exactly the quietest tile drops
+    dead = int(np.argmin(tiles))
+    _, (gh_f, gw_f) = _filtered("sum", tau, inputs=inputs, chunk_size=N)
+    g_kept = np.array(g)
+    g_kept[:, 4 * dead : 4 * dead + 4] = 0
+    np.testing.assert_allclose(gh_f, g_kept @ ws.T, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(gw_f, hs.T @ g_kept, rtol=1e-10, atol=1e-15)
+
+
+def test_grad_filter_default_tiles_jit_and_edge_inputs():
+    """Default tile width (wider than V here), under jit; masked NaN hidden states and huge
+    logits stay finite; float32 with τ = eps(float32) and a sorted peaked vocabulary."""
+    from _jax_compat import enable_x64
+
+    hs, ws, ht, wt = _peaked_inputs(v=3000, n=40)
+    hs_bad = hs.copy()
+    hs_bad[5] = np.nan
+    mask = np.ones(40, bool)
+    mask[5] = False
+
+    def f(hs, ws, gf, scale):
+        return fused_linear_kl(
+            ht * scale, wt, hs * scale, ws, reduction="mean", mask=mask, grad_filter=gf
+        )
+
+    grad = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=(2,))
+    for scale in (1.0, 1e4):
+        v0, g0 = grad(hs_bad, ws, None, scale)
+        v1, g1 = grad(hs_bad, ws, 1e-6, scale)
+        np.testing.assert_allclose(v1, v0, rtol=1e-14)
+        assert np.isfinite(v1)
+        assert all(np.all(np.isfinite(x)) for x in g1)
+    with enable_x64(False):
+        hs32, ws32, ht32, wt32 = (jnp.asarray(x, jnp.float32) for x in (hs, ws, ht, wt))
+
+        def f32(hs, ws, gf):
+            return fused_linear_kl(ht32, wt32, hs, ws, reduction="mean", grad_filter=gf)
+
+        grad32 = jax.jit(jax.value_and_grad(f32, (0, 1)), static_argnums=(2,))
+        eps = float(jnp.finfo(jnp.float32).eps)
+        v0, (gh0, gw0) = grad32(hs32, ws32, None)
+        v1, (gh1, gw1) = grad32(hs32, ws32, eps)
+        assert v0.dtype == jnp.float32
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        np.testing.assert_allclose(gh1, gh0, rtol=0, atol=float(np.abs(gh0).max()) * 1e-5)
+        np.testing.assert_allclose(gw1, gw0, rtol=0, atol=float(np.abs(gw0).max()) * 1e-5)
+
+
+def test_grad_filter_sorted_vocabulary_recipe(small_filter_tiles):
+    """A permutation applied to both weights' columns (and to the labels) leaves the value
+    unchanged and permutes the weight gradient."""
+    hs, ws, ht, wt = _peaked_inputs()
+    perm = _rng(13).permutation(V)
+    inv = np.argsort(perm)
+    labels = _rng(14).integers(0, V, N)
+
+    def f(ws, wt, labels, gf):
+        return fused_linear_kl(
+            ht, wt, hs, ws, reduction="mean", labels=labels, hard_weight=0.5, grad_filter=gf
+        )
+
+    v0, g0 = jax.value_and_grad(f)(ws, wt, labels, None)
+    v1, g1 = jax.value_and_grad(f)(ws[:, perm], wt[:, perm], inv[labels], 0.0)
+    np.testing.assert_allclose(v1, v0, rtol=1e-13)
+    np.testing.assert_allclose(g1, g0[:, perm], rtol=1e-11, atol=1e-15)
+
+
+def test_grad_filter_errors():
+    hs, ws, ht, wt = _inputs()
+    for bad in (True, "1e-7", jnp.asarray(1e-7)):
+        with pytest.raises(TypeError, match="grad_filter"):
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", grad_filter=bad)
+    for bad in (-1e-7, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="grad_filter"):
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", grad_filter=bad)

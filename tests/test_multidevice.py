@@ -177,3 +177,28 @@ def test_fused_linear_kl_under_shard_map_with_replicated_weights(mesh, reduction
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("grad_filter", [None, 0.0])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_linear_kl_grad_filter_under_shard_map(mesh, reduction, grad_filter):
+    """Several chunks per shard (the loop carries vary over the mesh axis, also for the
+    forward-only pass of reduction="none"), and grad_filter's loop over live vocabulary tiles
+    (a data-dependent trip count per shard): τ = 0 gives the exact gradient."""
+    rng = np.random.default_rng(7)
+    n, h, v = 16, 5, 12
+    ht, hs = rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    wt, ws = rng.normal(size=(h, v)), rng.normal(size=(h, v))
+
+    def loss(ht, wt, hs, ws, gf=grad_filter):
+        out = kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction=reduction, chunk_size=3, grad_filter=gf
+        )
+        return jnp.sum(out) if reduction == "none" else out
+
+    specs = (P("data"), P(), P("data"), P())
+    _, (got, got_g) = _unsharded_and_sharded(mesh, loss, (ht, wt, hs, ws), specs, (2, 3))
+    want, want_g = jax.value_and_grad(lambda hs, ws: loss(ht, wt, hs, ws, gf=None), (0, 1))(hs, ws)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
