@@ -95,7 +95,8 @@ def _pass(cfg: _Config, hs, ws, ids, lp, keep, t, weights, grads: bool) -> tuple
             out += (gh_t, gw, glp, carry[4] + jnp.sum(jnp.where(fresh, dt, 0)))
         return out
 
-    values0 = jnp.zeros((n,), cdt)
+    # Varying like the inputs inside shard_map, so that the loop carry keeps one type.
+    values0 = match_vma(jnp.zeros((n,), cdt), lp)[0]
     if not grads:
         return for_each_chunk(n, c, body, (values0,))
     # The first chunk starts the sums (its weight-gradient product is the accumulator).
