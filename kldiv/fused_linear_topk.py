@@ -96,7 +96,7 @@ def _pass(cfg: _Config, hs, ws, ids, lp, keep, t, weights, grads: bool) -> tuple
         return out
 
     # Varying like the inputs inside shard_map, so that the loop carry keeps one type.
-    values0 = match_vma(jnp.zeros((n,), cdt), lp)[0]
+    values0 = cast(jax.Array, match_vma(jnp.zeros((n,), cdt), lp)[0])
     if not grads:
         return for_each_chunk(n, c, body, (values0,))
     # The first chunk starts the sums (its weight-gradient product is the accumulator).
