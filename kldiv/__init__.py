@@ -13,6 +13,7 @@ from kldiv import (  # noqa: F401  (submodules as attributes)
     family,
     fused,
     fused_linear,
+    fused_linear_topk,
     gaussian,
     losses,
     montecarlo,
@@ -73,6 +74,7 @@ from kldiv.family import (
     total_variation_from_logits,
 )
 from kldiv.fused_linear import fused_linear_kl
+from kldiv.fused_linear_topk import fused_linear_topk_kl
 from kldiv.gaussian import (
     kl_diag,
     kl_diag_log_scale,
@@ -120,6 +122,7 @@ __all__ = [
     "f_divergence_from_logits",
     "free_bits_kl",
     "fused_linear_kl",
+    "fused_linear_topk_kl",
     "jeffreys",
     "jeffreys_from_log_probs",
     "jeffreys_from_logits",

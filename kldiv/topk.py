@@ -96,6 +96,74 @@ def validate_topk_ids(teacher_ids: ArrayLike, vocab_size: int) -> jax.Array:
     return teacher_ids
 
 
+def _check_tail(tail: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"kldiv: unknown tail {tail!r}; allowed: 'renormalize', 'bucket'.")
+
+
+def _check_teacher(teacher_ids: ArrayLike, teacher_log_probs: ArrayLike):
+    """The stored teacher as arrays: integer ids and floating log-probs of one shape [..., k]."""
+    teacher_ids = jnp.asarray(teacher_ids)
+    if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
+        raise TypeError(f"kldiv: `teacher_ids` must be integer; got dtype {teacher_ids.dtype}.")
+    _checks.check_floating("teacher_log_probs", teacher_log_probs)
+    lp = jnp.asarray(teacher_log_probs)
+    if teacher_ids.shape != lp.shape:
+        raise ValueError(
+            f"kldiv: `teacher_ids` {teacher_ids.shape} and `teacher_log_probs` {lp.shape} must "
+            "have the same shape [..., k]."
+        )
+    return teacher_ids, lp
+
+
+def _topk_kl_rows(
+    teacher_ids: jax.Array, lp: jax.Array, s: jax.Array, keep: jax.Array | None, tail: str
+) -> jax.Array:
+    """Per-row top-k KL of prepared inputs: the one copy of the math (see the module docstring).
+
+    ``lp`` ``[..., k]`` in the compute dtype, ``s`` ``[..., V]`` the student logits already cast,
+    tempered and masked (``_logits.temper_and_mask``), ``keep`` the boolean slot mask ``[..., k]``
+    or None. Returns ``[...]``, NaN where a kept slot holds an id outside [0, V). Differentiable
+    (finite gradients) w.r.t. ``lp`` and ``s``; used whole by :func:`kl_topk_teacher` and per row
+    chunk by ``kldiv.fused_linear_topk``.
+    """
+    dtype = s.dtype
+    if keep is not None:
+        lp = jnp.where(keep, lp, -jnp.inf)
+
+    # Out-of-range ids in kept slots make their position NaN (never an alias of another id):
+    # a negative id would otherwise index from the end and an id ≥ V read out of bounds.
+    v = s.shape[-1]
+    in_range = (teacher_ids >= 0) & (teacher_ids < v)
+    bad = ~in_range if keep is None else keep & ~in_range
+    s_k = jnp.take_along_axis(s, jnp.clip(teacher_ids, 0, max(v - 1, 0)), axis=-1)
+    if keep is not None:
+        s_k = jnp.where(keep, s_k, -jnp.inf)
+
+    if tail == "renormalize":
+        values = kl_from_logits(lp, s_k, impl="xla")
+    else:
+        # Student: log q_i = s_i − L over the k ids; tail from the same centred exponentials.
+        m = safe_max(jax.lax.stop_gradient(s))
+        total = sum_exp(s, m)
+        top = jnp.sum(jnp.exp(s_k - m), axis=-1, keepdims=True)
+        log_q = s_k - m - jnp.log(total)
+        # Teacher tail: log(1 − Σ_k p) via log1mexp of the (≤ 0) logsumexp.
+        log_p_tail = _log1mexp(_logsumexp(lp))
+        resolution = jnp.finfo(dtype).eps * total
+        tail_mass = total - top
+        tail_mass = jnp.where(
+            log_p_tail > -jnp.inf, jnp.maximum(tail_mass, resolution), jnp.maximum(tail_mass, 0)
+        )
+        safe = jnp.where(tail_mass > 0, tail_mass, 1)
+        log_q_tail = jnp.where(tail_mass > 0, jnp.log(safe) - jnp.log(total), -jnp.inf)
+        values = kl_from_log_probs(
+            jnp.concatenate([lp, log_p_tail], axis=-1),
+            jnp.concatenate([log_q, log_q_tail], axis=-1),
+        )
+    return jnp.where(jnp.any(bad, axis=-1), jnp.nan, values)
+
+
 def kl_topk_teacher(
     teacher_ids: ArrayLike,
     teacher_log_probs: ArrayLike,
@@ -157,20 +225,10 @@ def kl_topk_teacher(
       Hinton et al. (2015); sparse/top-k logit distillation as in Raman et al. (2023),
       "For distillation, tokens are not all you need"; log1mexp: Mächler (2012).
     """
-    if tail not in TAILS:
-        raise ValueError(f"kldiv: unknown tail {tail!r}; allowed: 'renormalize', 'bucket'.")
-    teacher_ids = jnp.asarray(teacher_ids)
-    if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
-        raise TypeError(f"kldiv: `teacher_ids` must be integer; got dtype {teacher_ids.dtype}.")
-    _checks.check_floating("teacher_log_probs", teacher_log_probs)
+    _check_tail(tail)
+    teacher_ids, lp = _check_teacher(teacher_ids, teacher_log_probs)
     _checks.check_floating("student_logits", student_logits)
-    lp = jnp.asarray(teacher_log_probs)
     s = jnp.asarray(student_logits)
-    if teacher_ids.shape != lp.shape:
-        raise ValueError(
-            f"kldiv: `teacher_ids` {teacher_ids.shape} and `teacher_log_probs` {lp.shape} must "
-            "have the same shape [..., k]."
-        )
     if teacher_ids.shape[:-1] != s.shape[:-1]:
         raise ValueError(
             f"kldiv: leading shapes differ: `teacher_ids` {teacher_ids.shape} vs "
@@ -178,41 +236,8 @@ def kl_topk_teacher(
         )
     dtype = _checks.compute_dtype(lp, s)
     temperature = _checks.check_temperature(temperature, s.shape[:-1], dtype)
-    lp = lp.astype(dtype)
-    s = temper_and_mask(s, dtype, temperature)
     keep = _checks.check_mask(where, lp.shape)
-    if keep is not None:
-        lp = jnp.where(keep, lp, -jnp.inf)
-
-    # Out-of-range ids in kept slots make their position NaN (never an alias of another id):
-    # a negative id would otherwise index from the end and an id ≥ V read out of bounds.
-    v = s.shape[-1]
-    in_range = (teacher_ids >= 0) & (teacher_ids < v)
-    bad = ~in_range if keep is None else keep & ~in_range
-    s_k = jnp.take_along_axis(s, jnp.clip(teacher_ids, 0, max(v - 1, 0)), axis=-1)
-    if keep is not None:
-        s_k = jnp.where(keep, s_k, -jnp.inf)
-
-    if tail == "renormalize":
-        values = kl_from_logits(lp, s_k, impl="xla")
-    else:
-        # Student: log q_i = s_i − L over the k ids; tail from the same centred exponentials.
-        m = safe_max(jax.lax.stop_gradient(s))
-        total = sum_exp(s, m)
-        top = jnp.sum(jnp.exp(s_k - m), axis=-1, keepdims=True)
-        log_q = s_k - m - jnp.log(total)
-        # Teacher tail: log(1 − Σ_k p) via log1mexp of the (≤ 0) logsumexp.
-        log_p_tail = _log1mexp(_logsumexp(lp))
-        resolution = jnp.finfo(dtype).eps * total
-        tail_mass = total - top
-        tail_mass = jnp.where(
-            log_p_tail > -jnp.inf, jnp.maximum(tail_mass, resolution), jnp.maximum(tail_mass, 0)
-        )
-        safe = jnp.where(tail_mass > 0, tail_mass, 1)
-        log_q_tail = jnp.where(tail_mass > 0, jnp.log(safe) - jnp.log(total), -jnp.inf)
-        values = kl_from_log_probs(
-            jnp.concatenate([lp, log_p_tail], axis=-1),
-            jnp.concatenate([log_q, log_q_tail], axis=-1),
-        )
-    values = jnp.where(jnp.any(bad, axis=-1), jnp.nan, values)
+    values = _topk_kl_rows(
+        teacher_ids, lp.astype(dtype), temper_and_mask(s, dtype, temperature), keep, tail
+    )
     return reduce(values, reduction, mask=mask)

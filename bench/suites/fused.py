@@ -24,6 +24,11 @@ Cases (``--fused-cases``, comma-separated; default: all):
     rows report its teacher entropy, the fraction of [chunk × tile] gradient blocks below τ and
     the filtered gradient's largest error as a fraction of the documented bound. Target: fwd+bwd
     time ≤ 0.7× and temporary memory ≤ 0.15× of the materialised path, the error within bound.
+``topk_linear``
+    ``fused_linear_topk_kl`` (a stored top-k teacher, k = 64, against the student's linear head
+    [2048 × 512] @ [512 × 32768] float32; quick: [256 × 64] @ [64 × 4096]), reduction ``"mean"``,
+    forward+backward w.r.t. the student's hidden states and weight, once per tail. Peer
+    ("materialised"): the student logits computed first, then ``kl_topk_teacher`` and autodiff.
 ``scaling``
     Time and temporary memory against N and V for the logits paths (optax, xla, chunked) and
     the linear paths (materialised, fused): memory is flat in N for the fused paths.
@@ -66,6 +71,7 @@ CASES = (
     "target_logits",
     "target_linear",
     "grad_filter",
+    "topk_linear",
     "scaling",
     "crossover",
     "penalty",
@@ -416,6 +422,48 @@ def _grad_filter(args, progress, quick):
                 within_bound=bool(of_bound <= 1.0),
             )
         rows.append(_row("grad_filter", k, n, v, "float32", m, "ratio_vs_materialised", **extra))
+
+
+def _topk_inputs(n, h, v, k, seed=0):
+    """Student hidden/weight and a stored top-k teacher (ids, log-probs) of its own logits."""
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(size=(n, v)).astype(np.float32) * 2
+    ids = np.argsort(-teacher, -1)[:, :k]
+    lse = np.log(np.sum(np.exp(teacher - teacher.max(-1, keepdims=True)), -1, keepdims=True))
+    lp = np.take_along_axis(teacher, ids, -1) - teacher.max(-1, keepdims=True) - lse
+    hs, ws, _, _ = _linear_inputs(n, h, v, seed + 1)
+    return hs, ws, jnp.asarray(ids, jnp.int32), jnp.asarray(lp, jnp.float32)
+
+
+def _topk_candidates(tail):
+    def materialised(hs, ws, ids, lp):
+        return kldiv.kl_topk_teacher(ids, lp, hs @ ws, tail=tail, reduction="mean")
+
+    def fused(hs, ws, ids, lp):
+        return kldiv.fused_linear_topk_kl(ids, lp, hs, ws, tail=tail, reduction="mean")
+
+    return {"materialised": (materialised, (0, 1)), "fused_linear_topk_kl": (fused, (0, 1))}
+
+
+def _topk_linear(args, progress, quick):
+    n, h, v, k = (256, 64, 4096, 64) if quick else (2048, 512, 32768, 64)
+    inputs = _topk_inputs(n, h, v, k)
+    rows = []
+    for tail in ("renormalize", "bucket"):
+        res = _measure(
+            _topk_candidates(tail),
+            args,
+            inputs,
+            args.fused_rounds,
+            "materialised",
+            progress,
+            f"topk_linear {tail}",
+        )
+        for key, m in res.items():
+            extra = {"H": h, "k": k, "tail": tail}
+            rows.append(
+                _row("topk_linear", key, n, v, "float32", m, "ratio_vs_materialised", **extra)
+            )
     return rows
 
 
@@ -575,6 +623,7 @@ _RUNNERS = {
     "target_logits": _target_logits,
     "target_linear": _target_linear,
     "grad_filter": _grad_filter,
+    "topk_linear": _topk_linear,
     "scaling": _scaling,
     "crossover": _crossover,
     "penalty": _penalty,
