@@ -25,9 +25,9 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
-from kldiv._logits import static_temperature, temper_and_mask
-from kldiv._numerics import match_vma
-from kldiv.family import js_from_logits
+from kldiv._logits import static_temperature, temper_and_mask_pair
+from kldiv._numerics import axis_names, check_axis_name, match_vma, psum, varying_axes
+from kldiv.family._js import js_rows_with_grads
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 from kldiv.fused.chunked import kl_rows_with_grads
 from kldiv.reductions import reduce
@@ -81,35 +81,43 @@ class _Config(NamedTuple):
     t2: bool
     unit_temperature: bool  # T is the Python number 1: skip the divisions
     traced_temperature: bool  # T is an array: its gradient is computed
+    # The vocabulary is split over this mapped axis (each call holds one shard of both heads).
+    axis_name: str | tuple[str, ...] | None = None
+    # Mapped axes over which grad_hidden is summed (those of axis_name that the hidden states do
+    # not vary over: replicated hidden states get the sum of the per-shard products).
+    hidden_psum: tuple[str, ...] = ()
 
 
 def _soft_rows(cfg: _Config, a_t, a_s):
     """Per-token divergence D of tempered teacher/student logits, ∂D/∂a_s and ∂D/∂a_t.
 
-    Forward and reverse KL use the closed-form gradients of the shared numerics
-    (``kl_rows_with_grads``); the JSD differentiates :func:`kldiv.family.js_from_logits` with
-    ``jax.vjp`` on the chunk.
+    Closed-form gradients of the shared numerics: ``kl_rows_with_grads`` for forward and reverse
+    KL, the rule of :func:`kldiv.family.js_from_logits` for the JSD. Under ``cfg.axis_name`` the
+    columns are one vocabulary shard: row statistics and values are global, gradients local.
     """
     if cfg.direction == "forward":
-        values, g_t, g_s = kl_rows_with_grads(a_t, a_s)
+        values, g_t, g_s = kl_rows_with_grads(a_t, a_s, cfg.axis_name)
         return values, g_s, g_t
     if cfg.direction == "reverse":
-        values, g_s, g_t = kl_rows_with_grads(a_s, a_t)
+        values, g_s, g_t = kl_rows_with_grads(a_s, a_t, cfg.axis_name)
         return values, g_s, g_t
-    values, vjp = jax.vjp(lambda t, s: js_from_logits(t, s, cfg.beta), a_t, a_s)
-    g_t, g_s = vjp(jnp.ones_like(values))
+    values, g_t, g_s = js_rows_with_grads(a_t, a_s, cfg.beta, cfg.axis_name)
     return values, g_s, g_t
 
 
-def _hard_rows(z_s, labels, ct):
+def _hard_rows(z_s, labels, ct, axis_name=None):
     """Cross-entropy −log softmax(z_s)[y] and ct·∂/∂z_s, as KL(one-hot(y) ‖ softmax(z_s)).
 
     The one-hot target has entropy 0, so this KL is exactly the cross-entropy; its gradient is
-    softmax(z_s) − one-hot(y). Same numerics as every other KL here.
+    softmax(z_s) − one-hot(y). Same numerics as every other KL here. Under ``axis_name`` the
+    columns of z_s are vocabulary shard k = axis_index of a split into equal shards: label y
+    lives in shard y // V_shard, at column y − k·V_shard (the other shards' one-hots are empty).
     """
     ids = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1)
+    if axis_name is not None:
+        ids = ids + (jax.lax.axis_index(axis_name) * z_s.shape[1]).astype(labels.dtype)
     onehot_logits = jnp.where(ids == labels[:, None], 0.0, -jnp.inf).astype(z_s.dtype)
-    values, _, grad = kl_rows_with_grads(onehot_logits, z_s)
+    values, _, grad = kl_rows_with_grads(onehot_logits, z_s, axis_name)
     return values, grad * ct[:, None]
 
 
@@ -124,8 +132,8 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     soft_scale = soft_w * factor
     if cfg.unit_temperature:
         a_t, a_s = z_t, z_s
-    else:  # the shared tempering: centred, then divided (finite for logits of any size)
-        a_t, a_s = (temper_and_mask(z, cdt, t) for z in (z_t, z_s))
+    else:  # the shared tempering: centred (on global row maxima), then divided
+        a_t, a_s = temper_and_mask_pair(z_t, z_s, t, axis_name=cfg.axis_name)
     soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
     dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
@@ -134,11 +142,11 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     d_t = jnp.zeros_like(soft)
     if cfg.traced_temperature:
         live = lambda a: jnp.where(a > -jnp.inf, a, 0)  # noqa: E731
-        dot = jnp.sum(g_t * live(a_t) + g_s * live(a_s), axis=-1)
+        dot = psum(jnp.sum(g_t * live(a_t) + g_s * live(a_s), axis=-1), cfg.axis_name)
         d_t = -soft_scale * dot / t + (soft_w * 2 * t * soft if cfg.t2 else 0)
     hard = jnp.zeros_like(soft)
     if cfg.hard:
-        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w)
+        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w, cfg.axis_name)
         loss = loss + hard_w * hard
         dz = dz + d_hard
     return loss, dz, jnp.stack([ct * factor * soft, ct * hard, ct * d_t])
@@ -210,7 +218,7 @@ def _pass(
             out += (gh_t, gw, carry[3] + jnp.sum(jnp.where(fresh, aux, 0), axis=-1))
         return out
 
-    loss0 = jnp.zeros((n,), cdt)
+    loss0 = match_vma(jnp.zeros((n,), cdt), hs)[0]  # the loop carry's type inside shard_map
     if not grads:
         return for_each_chunk(n, c, body, (loss0,))
     # The first chunk starts the sums: its weight-gradient product is the accumulator (no zero
@@ -221,8 +229,9 @@ def _pass(
     )
     init = (put_rows(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz), jnp.sum(aux, axis=-1))
     out = for_each_chunk(n, c, body, init, first=1)
-    # (per-token losses, grad hidden, grad weight, [d/dsoft_weight, d/dhard_weight, d/dT])
-    return out[0], out[1].T, out[2], out[3]
+    # (per-token losses, grad hidden, grad weight, [d/dsoft_weight, d/dhard_weight, d/dT]);
+    # a vocabulary-split head: grad hidden sums the shards' products, grad weight stays local.
+    return out[0], psum(out[1].T, cfg.hidden_psum or None), out[2], out[3]
 
 
 # Scalar reductions (linear in the per-token values): gradients are folded in the forward pass.
@@ -321,6 +330,34 @@ def _vocab(vs: int, vt: int, vocab_size) -> int:
     return int(vocab_size)
 
 
+def _check_vocab_axis(axis_name, vocab_size, arrays: dict) -> int:
+    """The number of vocabulary shards (1 without ``axis_name``), after checking the axis and
+    (where ``shard_map`` types tell) that both weights are split over it."""
+    if axis_name is None:
+        return 1
+    check_axis_name(axis_name)
+    if vocab_size is not None:
+        raise ValueError(
+            f"kldiv: `vocab_size` cannot be combined with `axis_name`={axis_name!r}: the heads "
+            f"must be split into equal shards of one vocabulary (got vocab_size={vocab_size!r}); "
+            "give both heads the same padded width and drop the padding columns' logits in the "
+            "model, or gather the heads and pass axis_name=None."
+        )
+    typed = any(varying_axes(x) for x in arrays.values())  # shard_map with check_vma=True
+    for name in ("student_weight", "teacher_weight"):
+        w = arrays[name]
+        vma = varying_axes(w)
+        missing = [a for a in axis_names(axis_name) if a not in vma]
+        if typed and missing:
+            raise ValueError(
+                f"kldiv: `axis_name`={axis_name!r} says the heads are split by vocabulary over "
+                f"it, but `{name}` {jnp.shape(w)} is replicated over {missing} (it varies over "
+                f"{sorted(vma) or 'no axis'}); shard its columns over the axis (in_specs "
+                f"P(None, {missing[0]!r})), or pass axis_name=None for a replicated head."
+            )
+    return int(jax.lax.axis_size(axis_name))
+
+
 def fused_linear_kl(
     teacher_hidden: ArrayLike,
     teacher_weight: ArrayLike,
@@ -342,6 +379,7 @@ def fused_linear_kl(
     count: float | ArrayLike | None = None,
     batch_size: int | ArrayLike | None = None,
     chunk_size: int | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
 
@@ -399,6 +437,18 @@ def fused_linear_kl(
         and one weight-gradient product over all of H per chunk. Temporary memory is about
         four ``[C, V]`` blocks plus one ``[H, V]`` weight-gradient accumulator, whatever the
         number of tokens.
+      axis_name: vocabulary-parallel heads. Inside ``jax.shard_map`` with both weights split by
+        vocabulary over this mapped axis (a name or a tuple of names) into P equal shards — each
+        call holds ``[H, V/P]`` columns k·V/P … (k+1)·V/P − 1 of both heads, k = the axis index,
+        and the same (replicated) hidden states — the row maxima, normalisers and per-token values
+        are combined across the shards (pmax/psum), so each device only ever computes
+        ``[C, V/P]`` logit blocks. Values and gradients equal those of the unsharded heads: the
+        student weight's gradient is its own shard's (no sum), the hidden states' gradient the
+        sum over the axis of the per-shard products. Labels are global token ids (label y lives
+        in shard y // (V/P)). The per-token values are the same on every shard and reduced there
+        once: ``"mean"`` counts each token once (for tokens also split over a data axis, pass
+        the global ``count`` or reduce with ``"sum"`` and psum over that axis). ``vocab_size`` is
+        not supported here (the shards must hold whole, equal slices of one vocabulary).
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
@@ -410,7 +460,9 @@ def fused_linear_kl(
       TypeError: non-floating hidden states or weights, non-integer labels, a traced ``beta``.
       ValueError: mismatched hidden/weight shapes or leading shapes, different vocabulary sizes
         without ``vocab_size``, unknown ``direction``/``reduction``, β outside [0, 1], a Python
-        temperature ≤ 0, ``hard_weight`` without ``labels``.
+        temperature ≤ 0, ``hard_weight`` without ``labels``; an ``axis_name`` that is not a
+        mapped axis here, ``vocab_size`` with ``axis_name``, or (inside ``shard_map`` with
+        ``check_vma=True``) a weight that is replicated rather than split over ``axis_name``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -473,6 +525,16 @@ def fused_linear_kl(
         raise ValueError("kldiv: `hard_weight` is set but no `labels` were given.")
 
     vs, vt = jnp.shape(student_weight)[1], jnp.shape(teacher_weight)[1]
+    n_shards = _check_vocab_axis(
+        axis_name,
+        vocab_size,
+        {
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+        },
+    )
     v = _vocab(vs, vt, vocab_size)
     hs = jnp.asarray(student_hidden)
     ht = jnp.asarray(teacher_hidden)
@@ -493,11 +555,12 @@ def fused_linear_kl(
             raise ValueError(
                 f"kldiv: `labels` {labels.shape} must have the hidden states' leading shape {lead}."
             )
-        in_range = (labels >= 0) & (labels < v)
+        in_range = (labels >= 0) & (labels < v * n_shards)
         if _checks.is_concrete(labels) and not bool(jnp.all(in_range | (labels == ignore_index))):
             bad = np.asarray(labels)[~np.asarray(in_range | (labels == ignore_index))]
             raise ValueError(
-                f"kldiv: `labels` must be in [0, {v}) or equal `ignore_index` ({ignore_index}); "
+                f"kldiv: `labels` must be in [0, {v * n_shards}) or equal `ignore_index` "
+                f"({ignore_index}); "
                 f"got {bad[:5].tolist()}."
             )
         # Under jit, out-of-range labels drop their token (as ignore_index does).
@@ -536,6 +599,15 @@ def fused_linear_kl(
     # The hard term is computed when there are labels and its weight is not the Python number 0
     # (labels alone, with hard_weight=0, only drop ignore_index tokens).
     hard = labels is not None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0)
+    soft_w = jnp.asarray(soft_weight, cdt)
+    hard_w = jnp.asarray(hard_weight, cdt)
+    temp = jnp.asarray(temperature, cdt)
+    # Inside shard_map every input varies over the union of the inputs' mapped axes, except the
+    # vocabulary axis, over which only the weights vary (see match_vma).
+    vocab_axes = frozenset(axis_names(axis_name))
+    hs, ws, ht, wt, labels_c, soft_w, hard_w, temp = match_vma(
+        hs, ws, ht, wt, labels_c, soft_w, hard_w, temp, exclude=vocab_axes
+    )
     cfg = _Config(
         direction,
         float(beta),
@@ -544,10 +616,9 @@ def fused_linear_kl(
         bool(scale_by_temperature_squared),
         unit_t,
         static_temperature(temperature) is None,
+        axis_name=axis_name,
+        hidden_psum=tuple(a for a in axis_names(axis_name) if a not in varying_axes(hs)),
     )
-    soft_w = jnp.asarray(soft_weight, cdt)
-    hard_w = jnp.asarray(hard_weight, cdt)
-    temp = jnp.asarray(temperature, cdt)
 
     def reduce_fn(values):
         return reduce(
@@ -562,16 +633,28 @@ def fused_linear_kl(
     if n == 0:
         return reduce_fn(jnp.zeros((0,), cdt))
     if reduction == "none":
-        args = match_vma(hs, ws, ht, wt, labels_c, soft_w, hard_w, temp)
-        values = _fused_values(cfg, *args)
-        return reduce_fn(values)
+        return reduce_fn(_fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp))
     # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
     # the per-token weights that the forward pass folds into the gradients.
-    _, reduce_vjp = jax.vjp(reduce_fn, jnp.zeros((n,), cdt))
-    (weights,) = reduce_vjp(jnp.ones((), cdt))
+    # Inside shard_map the point has the type of the per-token values (an invariant one would
+    # sum the weights over the mapped axes) and the cotangent that of the reduction.
+    point = match_vma(jnp.zeros((n,), cdt), hs, reduce_mask, exclude=vocab_axes)[0]
+    reduced, reduce_vjp = jax.vjp(reduce_fn, point)
+    (weights,) = reduce_vjp(match_vma(jnp.ones((), cdt), reduced)[0])
     total, values = cast(
         tuple[jax.Array, jax.Array],
-        _fused_scalar(cfg, *match_vma(hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)),
+        _fused_scalar(
+            cfg,
+            hs,
+            ws,
+            ht,
+            wt,
+            labels_c,
+            match_vma(weights, hs, ws, exclude=vocab_axes)[0],
+            soft_w,
+            hard_w,
+            temp,
+        ),
     )
     # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
     # linear), which the custom VJP supplies.

@@ -271,6 +271,8 @@ def test_errors():
         fused_linear_kl(ht, wt, hs, ws, reduction="sum", mask=np.ones(N + 1, bool))
     with pytest.raises(ValueError, match="dataset_size"):
         fused_linear_kl(ht, wt, hs, ws, reduction="dataset")
+    with pytest.raises(ValueError, match="kldiv: `axis_name`='vocab' names no mapped axis"):
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", axis_name="vocab")
 
 
 def _temp(f, n, h, v, chunk):
