@@ -72,7 +72,7 @@ from kldiv.family import (
     total_variation_from_log_probs,
     total_variation_from_logits,
 )
-from kldiv.fused_linear import fused_linear_kl
+from kldiv.fused_linear import fused_linear_kl, fused_linear_kl_penalty
 from kldiv.gaussian import (
     kl_diag,
     kl_diag_log_scale,
@@ -120,6 +120,7 @@ __all__ = [
     "f_divergence_from_logits",
     "free_bits_kl",
     "fused_linear_kl",
+    "fused_linear_kl_penalty",
     "jeffreys",
     "jeffreys_from_log_probs",
     "jeffreys_from_logits",

@@ -32,7 +32,7 @@ from kldiv.fused._rows import for_each_chunk, put_rows, rows
 from kldiv.fused.chunked import kl_rows_with_grads
 from kldiv.reductions import reduce
 
-__all__ = ["fused_linear_kl"]
+__all__ = ["fused_linear_kl", "fused_linear_kl_penalty"]
 
 # Tokens per chunk: about CHUNK_BYTES of one [C, V] block of logits (a chunk keeps about four such
 # blocks alive), but at least MIN_CHUNK tokens. Every chunk adds its [H, V] weight-gradient product
@@ -661,3 +661,107 @@ def fused_linear_kl(
     value = reduce_fn(jax.lax.stop_gradient(values))
     delta = total - jax.lax.stop_gradient(total)
     return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))
+
+
+def fused_linear_kl_penalty(
+    ref_hidden: ArrayLike,
+    ref_weight: ArrayLike,
+    policy_hidden: ArrayLike,
+    policy_weight: ArrayLike,
+    *,
+    reduction: Reduction,
+    mask: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    count: float | ArrayLike | None = None,
+    batch_size: int | ArrayLike | None = None,
+    chunk_size: int | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    """Exact per-token RL penalty KL(π_θ‖π_ref) over the full vocabulary, from hidden states.
+
+    With policy logits z_θ = policy_hidden @ policy_weight and reference logits
+    z_ref = ref_hidden @ ref_weight, the per-token value is
+
+        KL(π_θ‖π_ref) = Σ_v π_θ(v)·log(π_θ(v)/π_ref(v)),   π = softmax(z),
+
+    the quantity that the sampled-token estimators k1 and k3 (:mod:`kldiv.estimators`) estimate
+    from log π(a) at one sampled token, here exact and without sampling noise: its gradient is
+    the exact ∇_θ KL(π_θ‖π_ref). It is :func:`fused_linear_kl` with the reference as the frozen
+    teacher and the policy as the student, ``direction="reverse"``: the logits are never
+    materialised, so temporary memory is that of a few ``[C, V]`` chunks rather than ``[N, V]``.
+    Same value as ``kldiv.kl_penalty_exact(z_θ, z_ref, mask=mask)`` — note the order: the
+    estimators take (policy, reference) log-probabilities or logits, the fused heads take the
+    reference (teacher) first, as every distillation loss does.
+
+    Args:
+      ref_hidden: ``[..., H_ref]`` reference-model hidden states (the inputs of its output
+        layer); frozen (zero gradient, as under ``jax.lax.stop_gradient``).
+      ref_weight: ``[H_ref, V]`` reference output projection (frozen).
+      policy_hidden: ``[..., H]`` policy hidden states, same leading shape.
+      policy_weight: ``[H, V]`` policy output projection (a Flax ``Dense`` kernel).
+      reduction: ``"none"`` for the per-token penalty ``[...]`` (e.g. to subtract β·KL from each
+        token's reward, or to weight it per token), or a scalar reduction as in
+        :func:`kldiv.reduce` (``"mean"``: over the kept tokens). No default.
+      mask: optional token keep-mask broadcastable to ``[...]`` (e.g. the response tokens):
+        dropped tokens give 0 and touch no gradient, whatever their hidden states hold.
+      vocab_size, count, batch_size, chunk_size, axis_name: as in :func:`fused_linear_kl`.
+
+    Returns:
+      The per-token KL ``[...]`` (``"none"``; masked tokens 0) or the reduced scalar; float32 for
+      16-bit inputs. Differentiable w.r.t. the policy's hidden states and weight.
+
+    Raises:
+      TypeError, ValueError: as :func:`fused_linear_kl`.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> # 1 sequence × 3 response tokens; hidden size 4; vocabulary of 6.
+      >>> ref_hidden = jnp.cos(jnp.arange(12.0)).reshape(1, 3, 4)
+      >>> ref_weight = jnp.sin(jnp.arange(24.0)).reshape(4, 6)
+      >>> policy_hidden = ref_hidden + 0.3 * jnp.sin(jnp.arange(12.0)).reshape(1, 3, 4)
+      >>> policy_weight = ref_weight
+      >>> mask = jnp.array([[True, True, False]])  # the last token is padding
+      >>> penalty = kldiv.fused_linear_kl_penalty(
+      ...     ref_hidden, ref_weight, policy_hidden, policy_weight, reduction="none", mask=mask
+      ... )
+      >>> print(np.asarray(penalty).round(4))
+      [[0.0601 0.0382 0.    ]]
+
+      The exact KL from materialised logits (:func:`kldiv.kl_penalty_exact`, policy first):
+
+      >>> exact = kldiv.kl_penalty_exact(
+      ...     policy_hidden @ policy_weight, ref_hidden @ ref_weight, mask=mask
+      ... )
+      >>> print(np.asarray(exact).round(4))
+      [[0.0601 0.0382 0.    ]]
+
+      Its exact gradient w.r.t. the policy, for a penalty β·KL averaged over the kept tokens:
+
+      >>> def loss(policy_hidden, policy_weight):
+      ...     return 0.1 * kldiv.fused_linear_kl_penalty(
+      ...         ref_hidden, ref_weight, policy_hidden, policy_weight, reduction="mean", mask=mask
+      ...     )
+      >>> grad_hidden, grad_weight = jax.grad(loss, argnums=(0, 1))(policy_hidden, policy_weight)
+      >>> grad_hidden.shape, grad_weight.shape
+      ((1, 3, 4), (4, 6))
+
+    References:
+      J. Schulman (2020), "Approximating KL Divergence"; Hsu et al. (2024), "Liger Kernel".
+    """
+    return fused_linear_kl(
+        ref_hidden,
+        ref_weight,
+        policy_hidden,
+        policy_weight,
+        reduction=reduction,
+        mask=mask,
+        direction="reverse",
+        vocab_size=vocab_size,
+        count=count,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        axis_name=axis_name,
+    )
