@@ -361,3 +361,40 @@ def test_fused_linear_kl_data_parallel_with_a_sharded_mask(mesh, reduction):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     for g, w in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma):
+    """Vocabulary split over all 4 devices, tokens replicated, with and without shard_map's
+    varying-axes checks: the hidden states' gradient is the psum of the per-shard products
+    either way (through the cast's transpose or explicitly)."""
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    mesh_v = Mesh(np.array(jax.devices()[:4]), ("vocab",))
+    rng = np.random.default_rng(10)
+    ht, hs = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    wt, ws = rng.normal(size=(3, 16)), rng.normal(size=(3, 16))
+
+    def loss(hs, ws, wt, axis_name=None):
+        return kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction="mean", temperature=1.3, axis_name=axis_name
+        )
+
+    want, want_g = jax.value_and_grad(loss, (0, 1))(hs, ws, wt)
+
+    def step(hs, ws, wt):
+        return jax.value_and_grad(lambda a, b: loss(a, b, wt, "vocab"), (0, 1))(hs, ws)
+
+    specs = (P(), P(None, "vocab"), P(None, "vocab"))
+    got, got_g = jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh_v,
+            in_specs=specs,
+            out_specs=(P(), (P(), P(None, "vocab"))),
+            check_vma=check_vma,
+        )
+    )(hs, ws, wt)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
