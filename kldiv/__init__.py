@@ -73,7 +73,7 @@ from kldiv.family import (
     total_variation_from_log_probs,
     total_variation_from_logits,
 )
-from kldiv.fused_linear import fused_linear_kl
+from kldiv.fused_linear import fused_linear_kl, fused_linear_kl_penalty
 from kldiv.fused_linear_topk import fused_linear_topk_kl
 from kldiv.gaussian import (
     kl_diag,
@@ -123,6 +123,7 @@ __all__ = [
     "free_bits_kl",
     "fused_linear_kl",
     "fused_linear_topk_kl",
+    "fused_linear_kl_penalty",
     "jeffreys",
     "jeffreys_from_log_probs",
     "jeffreys_from_logits",

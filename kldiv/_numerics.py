@@ -13,7 +13,7 @@ a few ulps. See Csiszár (1991) for this (generalised) form of the KL divergence
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +148,9 @@ def psum(x: jax.Array, axis_name=None) -> jax.Array:
     return jax.lax.psum(x, axis_name)
 
 
-def _varying_axes(x) -> frozenset:
-    """The mapped axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
+def varying_axes(x) -> frozenset:
+    """The mapped axes over which ``x`` varies inside ``shard_map`` with ``check_vma=True``
+    (empty outside it, and with ``check_vma=False``)."""
     if x is None:
         return frozenset()
     aval = jax.typeof(x)
@@ -165,7 +166,7 @@ def _to_varying(x, axes: tuple):
     return jax.lax.pvary(x, axes)  # pyright: ignore[reportAttributeAccessIssue]  (JAX 0.7)
 
 
-def match_vma(*xs):
+def match_vma(*xs, exclude: frozenset = frozenset()) -> tuple[Any, ...]:
     """The arrays made varying over the same mapped axes (inside ``shard_map``), None kept.
 
     A custom VJP's backward pass must return cotangents of the same type as the primal inputs;
@@ -175,15 +176,24 @@ def match_vma(*xs):
     axes before the custom VJP makes the types agree; the transpose of that cast sums the
     cotangent over the axis, which is exactly the gradient of a replicated input. Outside
     ``shard_map`` (or for arrays without a varying-axes type) it returns the inputs unchanged.
+
+    ``exclude``: mapped axes that no array is made varying over (each keeps its own type there),
+    e.g. the vocabulary axis of a head split over it, over which the hidden states stay
+    replicated and their cotangent is summed explicitly.
     """
-    vmas = [_varying_axes(x) for x in xs]
-    union = frozenset().union(*vmas)
-    if not union:
-        return xs
+    vmas = [varying_axes(x) for x in xs]
+    union = frozenset().union(*vmas) - frozenset(exclude)
     return tuple(
-        x if x is None or vma == union else _to_varying(x, tuple(sorted(union - vma)))
+        x if x is None or union <= vma else _to_varying(x, tuple(sorted(union - vma)))
         for x, vma in zip(xs, vmas, strict=True)
     )
+
+
+def axis_names(axis_name) -> tuple:
+    """``axis_name`` (a name, a tuple of names or None) as a tuple of names."""
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
 
 
 def two_diff(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -25,14 +25,14 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
-from kldiv._logits import static_temperature, temper_and_mask
-from kldiv._numerics import match_vma
-from kldiv.family import js_from_logits
+from kldiv._logits import static_temperature, temper_and_mask_pair
+from kldiv._numerics import axis_names, check_axis_name, match_vma, psum, varying_axes
+from kldiv.family._js import js_rows_with_grads
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 from kldiv.fused.chunked import kl_rows_with_grads
 from kldiv.reductions import reduce
 
-__all__ = ["fused_linear_kl"]
+__all__ = ["fused_linear_kl", "fused_linear_kl_penalty"]
 
 # Tokens per chunk: about CHUNK_BYTES of one [C, V] block of logits (a chunk keeps about four such
 # blocks alive), but at least MIN_CHUNK tokens. Every chunk adds its [H, V] weight-gradient product
@@ -86,35 +86,43 @@ class _Config(NamedTuple):
     unit_temperature: bool  # T is the Python number 1: skip the divisions
     traced_temperature: bool  # T is an array: its gradient is computed
     grad_filter: float | None = None  # skip backward tiles with every |∂ℓ_i/∂z_s| ≤ this
+    # The vocabulary is split over this mapped axis (each call holds one shard of both heads).
+    axis_name: str | tuple[str, ...] | None = None
+    # Mapped axes over which grad_hidden is summed (those of axis_name that the hidden states do
+    # not vary over: replicated hidden states get the sum of the per-shard products).
+    hidden_psum: tuple[str, ...] = ()
 
 
 def _soft_rows(cfg: _Config, a_t, a_s):
     """Per-token divergence D of tempered teacher/student logits, ∂D/∂a_s and ∂D/∂a_t.
 
-    Forward and reverse KL use the closed-form gradients of the shared numerics
-    (``kl_rows_with_grads``); the JSD differentiates :func:`kldiv.family.js_from_logits` with
-    ``jax.vjp`` on the chunk.
+    Closed-form gradients of the shared numerics: ``kl_rows_with_grads`` for forward and reverse
+    KL, the rule of :func:`kldiv.family.js_from_logits` for the JSD. Under ``cfg.axis_name`` the
+    columns are one vocabulary shard: row statistics and values are global, gradients local.
     """
     if cfg.direction == "forward":
-        values, g_t, g_s = kl_rows_with_grads(a_t, a_s)
+        values, g_t, g_s = kl_rows_with_grads(a_t, a_s, cfg.axis_name)
         return values, g_s, g_t
     if cfg.direction == "reverse":
-        values, g_s, g_t = kl_rows_with_grads(a_s, a_t)
+        values, g_s, g_t = kl_rows_with_grads(a_s, a_t, cfg.axis_name)
         return values, g_s, g_t
-    values, vjp = jax.vjp(lambda t, s: js_from_logits(t, s, cfg.beta), a_t, a_s)
-    g_t, g_s = vjp(jnp.ones_like(values))
+    values, g_t, g_s = js_rows_with_grads(a_t, a_s, cfg.beta, cfg.axis_name)
     return values, g_s, g_t
 
 
-def _hard_rows(z_s, labels, ct):
+def _hard_rows(z_s, labels, ct, axis_name=None):
     """Cross-entropy −log softmax(z_s)[y] and ct·∂/∂z_s, as KL(one-hot(y) ‖ softmax(z_s)).
 
     The one-hot target has entropy 0, so this KL is exactly the cross-entropy; its gradient is
-    softmax(z_s) − one-hot(y). Same numerics as every other KL here.
+    softmax(z_s) − one-hot(y). Same numerics as every other KL here. Under ``axis_name`` the
+    columns of z_s are vocabulary shard k = axis_index of a split into equal shards: label y
+    lives in shard y // V_shard, at column y − k·V_shard (the other shards' one-hots are empty).
     """
     ids = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1)
+    if axis_name is not None:
+        ids = ids + (jax.lax.axis_index(axis_name) * z_s.shape[1]).astype(labels.dtype)
     onehot_logits = jnp.where(ids == labels[:, None], 0.0, -jnp.inf).astype(z_s.dtype)
-    values, _, grad = kl_rows_with_grads(onehot_logits, z_s)
+    values, _, grad = kl_rows_with_grads(onehot_logits, z_s, axis_name)
     return values, grad * ct[:, None]
 
 
@@ -129,8 +137,8 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     soft_scale = soft_w * factor
     if cfg.unit_temperature:
         a_t, a_s = z_t, z_s
-    else:  # the shared tempering: centred, then divided (finite for logits of any size)
-        a_t, a_s = (temper_and_mask(z, cdt, t) for z in (z_t, z_s))
+    else:  # the shared tempering: centred (on global row maxima), then divided
+        a_t, a_s = temper_and_mask_pair(z_t, z_s, t, axis_name=cfg.axis_name)
     soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
     dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
@@ -139,11 +147,11 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     d_t = jnp.zeros_like(soft)
     if cfg.traced_temperature:
         live = lambda a: jnp.where(a > -jnp.inf, a, 0)  # noqa: E731
-        dot = jnp.sum(g_t * live(a_t) + g_s * live(a_s), axis=-1)
+        dot = psum(jnp.sum(g_t * live(a_t) + g_s * live(a_s), axis=-1), cfg.axis_name)
         d_t = -soft_scale * dot / t + (soft_w * 2 * t * soft if cfg.t2 else 0)
     hard = jnp.zeros_like(soft)
     if cfg.hard:
-        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w)
+        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w, cfg.axis_name)
         loss = loss + hard_w * hard
         dz = dz + d_hard
     return loss, dz, jnp.stack([ct * factor * soft, ct * hard, ct * d_t])
@@ -274,9 +282,9 @@ def _pass(
         return for_each_chunk(n, c, body, (loss0,))
     if cfg.grad_filter is not None:
         zeros = (jnp.zeros(hs.shape[::-1], cdt), jnp.zeros(ws.shape, cdt), jnp.zeros(3, cdt))
-        init = cast(tuple[jax.Array, ...], match_vma(*zeros, hs)[:3])
+        init = cast(tuple[jax.Array, ...], match_vma(*zeros, hs, ws)[:3])
         out = for_each_chunk(n, c, body, (loss0, *init))
-        return out[0], out[1].T, out[2], out[3]
+        return out[0], psum(out[1].T, cfg.hidden_psum or None), out[2], out[3]
     # The first chunk starts the sums: its weight-gradient product is the accumulator (no zero
     # fill and no accumulation pass for it).
     hs_0, loss, dz, aux = chunk(0)
@@ -285,8 +293,9 @@ def _pass(
     )
     init = (put_rows(loss0, loss, 0), gh_t, _weight_grad(hs_0, dz), jnp.sum(aux, axis=-1))
     out = for_each_chunk(n, c, body, init, first=1)
-    # (per-token losses, grad hidden, grad weight, [d/dsoft_weight, d/dhard_weight, d/dT])
-    return out[0], out[1].T, out[2], out[3]
+    # (per-token losses, grad hidden, grad weight, [d/dsoft_weight, d/dhard_weight, d/dT]);
+    # a vocabulary-split head: grad hidden sums the shards' products, grad weight stays local.
+    return out[0], psum(out[1].T, cfg.hidden_psum or None), out[2], out[3]
 
 
 # Scalar reductions (linear in the per-token values): gradients are folded in the forward pass.
@@ -385,6 +394,34 @@ def _vocab(vs: int, vt: int, vocab_size) -> int:
     return int(vocab_size)
 
 
+def _check_vocab_axis(axis_name, vocab_size, arrays: dict) -> int:
+    """The number of vocabulary shards (1 without ``axis_name``), after checking the axis and
+    (where ``shard_map`` types tell) that both weights are split over it."""
+    if axis_name is None:
+        return 1
+    check_axis_name(axis_name)
+    if vocab_size is not None:
+        raise ValueError(
+            f"kldiv: `vocab_size` cannot be combined with `axis_name`={axis_name!r}: the heads "
+            f"must be split into equal shards of one vocabulary (got vocab_size={vocab_size!r}); "
+            "give both heads the same padded width and drop the padding columns' logits in the "
+            "model, or gather the heads and pass axis_name=None."
+        )
+    typed = any(varying_axes(x) for x in arrays.values())  # shard_map with check_vma=True
+    for name in ("student_weight", "teacher_weight"):
+        w = arrays[name]
+        vma = varying_axes(w)
+        missing = [a for a in axis_names(axis_name) if a not in vma]
+        if typed and missing:
+            raise ValueError(
+                f"kldiv: `axis_name`={axis_name!r} says the heads are split by vocabulary over "
+                f"it, but `{name}` {jnp.shape(w)} is replicated over {missing} (it varies over "
+                f"{sorted(vma) or 'no axis'}); shard its columns over the axis (in_specs "
+                f"P(None, {missing[0]!r})), or pass axis_name=None for a replicated head."
+            )
+    return int(jax.lax.axis_size(axis_name))
+
+
 def fused_linear_kl(
     teacher_hidden: ArrayLike,
     teacher_weight: ArrayLike,
@@ -407,6 +444,7 @@ def fused_linear_kl(
     batch_size: int | ArrayLike | None = None,
     chunk_size: int | None = None,
     grad_filter: float | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
 
@@ -487,6 +525,18 @@ def fused_linear_kl(
         the labels (``argsort(perm)[labels]``): the divergence is invariant under it. Where
         no block is below τ (flat, high-entropy or unsorted distributions) nothing is skipped:
         the filtered path then runs every product, in tiles, plus the per-tile test.
+      axis_name: vocabulary-parallel heads. Inside ``jax.shard_map`` with both weights split by
+        vocabulary over this mapped axis (a name or a tuple of names) into P equal shards — each
+        call holds ``[H, V/P]`` columns k·V/P … (k+1)·V/P − 1 of both heads, k = the axis index,
+        and the same (replicated) hidden states — the row maxima, normalisers and per-token values
+        are combined across the shards (pmax/psum), so each device only ever computes
+        ``[C, V/P]`` logit blocks. Values and gradients equal those of the unsharded heads: the
+        student weight's gradient is its own shard's (no sum), the hidden states' gradient the
+        sum over the axis of the per-shard products. Labels are global token ids (label y lives
+        in shard y // (V/P)). The per-token values are the same on every shard and reduced there
+        once: ``"mean"`` counts each token once (for tokens also split over a data axis, pass
+        the global ``count`` or reduce with ``"sum"`` and psum over that axis). ``vocab_size`` is
+        not supported here (the shards must hold whole, equal slices of one vocabulary).
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
@@ -498,7 +548,9 @@ def fused_linear_kl(
       TypeError: non-floating hidden states or weights, non-integer labels, a traced ``beta``.
       ValueError: mismatched hidden/weight shapes or leading shapes, different vocabulary sizes
         without ``vocab_size``, unknown ``direction``/``reduction``, β outside [0, 1], a Python
-        temperature ≤ 0, ``hard_weight`` without ``labels``.
+        temperature ≤ 0, ``hard_weight`` without ``labels``; an ``axis_name`` that is not a
+        mapped axis here, ``vocab_size`` with ``axis_name``, or (inside ``shard_map`` with
+        ``check_vma=True``) a weight that is replicated rather than split over ``axis_name``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -577,6 +629,16 @@ def fused_linear_kl(
         raise ValueError("kldiv: `hard_weight` is set but no `labels` were given.")
 
     vs, vt = jnp.shape(student_weight)[1], jnp.shape(teacher_weight)[1]
+    n_shards = _check_vocab_axis(
+        axis_name,
+        vocab_size,
+        {
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+        },
+    )
     v = _vocab(vs, vt, vocab_size)
     hs = jnp.asarray(student_hidden)
     ht = jnp.asarray(teacher_hidden)
@@ -597,11 +659,12 @@ def fused_linear_kl(
             raise ValueError(
                 f"kldiv: `labels` {labels.shape} must have the hidden states' leading shape {lead}."
             )
-        in_range = (labels >= 0) & (labels < v)
+        in_range = (labels >= 0) & (labels < v * n_shards)
         if _checks.is_concrete(labels) and not bool(jnp.all(in_range | (labels == ignore_index))):
             bad = np.asarray(labels)[~np.asarray(in_range | (labels == ignore_index))]
             raise ValueError(
-                f"kldiv: `labels` must be in [0, {v}) or equal `ignore_index` ({ignore_index}); "
+                f"kldiv: `labels` must be in [0, {v * n_shards}) or equal `ignore_index` "
+                f"({ignore_index}); "
                 f"got {bad[:5].tolist()}."
             )
         # Under jit, out-of-range labels drop their token (as ignore_index does).
@@ -640,6 +703,15 @@ def fused_linear_kl(
     # The hard term is computed when there are labels and its weight is not the Python number 0
     # (labels alone, with hard_weight=0, only drop ignore_index tokens).
     hard = labels is not None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0)
+    soft_w = jnp.asarray(soft_weight, cdt)
+    hard_w = jnp.asarray(hard_weight, cdt)
+    temp = jnp.asarray(temperature, cdt)
+    # Inside shard_map every input varies over the union of the inputs' mapped axes, except the
+    # vocabulary axis, over which only the weights vary (see match_vma).
+    vocab_axes = frozenset(axis_names(axis_name))
+    hs, ws, ht, wt, labels_c, soft_w, hard_w, temp = match_vma(
+        hs, ws, ht, wt, labels_c, soft_w, hard_w, temp, exclude=vocab_axes
+    )
     cfg = _Config(
         direction,
         float(beta),
@@ -648,11 +720,10 @@ def fused_linear_kl(
         bool(scale_by_temperature_squared),
         unit_t,
         static_temperature(temperature) is None,
-        grad_filter,
+        grad_filter=grad_filter,
+        axis_name=axis_name,
+        hidden_psum=tuple(a for a in axis_names(axis_name) if a not in varying_axes(hs)),
     )
-    soft_w = jnp.asarray(soft_weight, cdt)
-    hard_w = jnp.asarray(hard_weight, cdt)
-    temp = jnp.asarray(temperature, cdt)
 
     def reduce_fn(values):
         return reduce(
@@ -667,19 +738,135 @@ def fused_linear_kl(
     if n == 0:
         return reduce_fn(jnp.zeros((0,), cdt))
     if reduction == "none":
-        args = match_vma(hs, ws, ht, wt, labels_c, soft_w, hard_w, temp)
-        values = _fused_values(cfg, *args)
-        return reduce_fn(values)
+        return reduce_fn(_fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp))
     # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
     # the per-token weights that the forward pass folds into the gradients.
-    _, reduce_vjp = jax.vjp(reduce_fn, jnp.zeros((n,), cdt))
-    (weights,) = reduce_vjp(jnp.ones((), cdt))
+    # Inside shard_map the point has the type of the per-token values (an invariant one would
+    # sum the weights over the mapped axes) and the cotangent that of the reduction.
+    point = match_vma(jnp.zeros((n,), cdt), hs, reduce_mask, exclude=vocab_axes)[0]
+    reduced, reduce_vjp = jax.vjp(reduce_fn, point)
+    (weights,) = reduce_vjp(match_vma(jnp.ones((), cdt), reduced)[0])
     total, values = cast(
         tuple[jax.Array, jax.Array],
-        _fused_scalar(cfg, *match_vma(hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)),
+        _fused_scalar(
+            cfg,
+            hs,
+            ws,
+            ht,
+            wt,
+            labels_c,
+            match_vma(weights, hs, ws, exclude=vocab_axes)[0],
+            soft_w,
+            hard_w,
+            temp,
+        ),
     )
     # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
     # linear), which the custom VJP supplies.
     value = reduce_fn(jax.lax.stop_gradient(values))
     delta = total - jax.lax.stop_gradient(total)
     return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))
+
+
+def fused_linear_kl_penalty(
+    ref_hidden: ArrayLike,
+    ref_weight: ArrayLike,
+    policy_hidden: ArrayLike,
+    policy_weight: ArrayLike,
+    *,
+    reduction: Reduction,
+    mask: ArrayLike | None = None,
+    vocab_size: int | None = None,
+    count: float | ArrayLike | None = None,
+    batch_size: int | ArrayLike | None = None,
+    chunk_size: int | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    """Exact per-token RL penalty KL(π_θ‖π_ref) over the full vocabulary, from hidden states.
+
+    With policy logits z_θ = policy_hidden @ policy_weight and reference logits
+    z_ref = ref_hidden @ ref_weight, the per-token value is
+
+        KL(π_θ‖π_ref) = Σ_v π_θ(v)·log(π_θ(v)/π_ref(v)),   π = softmax(z),
+
+    the quantity that the sampled-token estimators k1 and k3 (:mod:`kldiv.estimators`) estimate
+    from log π(a) at one sampled token, here exact and without sampling noise: its gradient is
+    the exact ∇_θ KL(π_θ‖π_ref). It is :func:`fused_linear_kl` with the reference as the frozen
+    teacher and the policy as the student, ``direction="reverse"``: the logits are never
+    materialised, so temporary memory is that of a few ``[C, V]`` chunks rather than ``[N, V]``.
+    Same value as ``kldiv.kl_penalty_exact(z_θ, z_ref, mask=mask)`` — note the order: the
+    estimators take (policy, reference) log-probabilities or logits, the fused heads take the
+    reference (teacher) first, as every distillation loss does.
+
+    Args:
+      ref_hidden: ``[..., H_ref]`` reference-model hidden states (the inputs of its output
+        layer); frozen (zero gradient, as under ``jax.lax.stop_gradient``).
+      ref_weight: ``[H_ref, V]`` reference output projection (frozen).
+      policy_hidden: ``[..., H]`` policy hidden states, same leading shape.
+      policy_weight: ``[H, V]`` policy output projection (a Flax ``Dense`` kernel).
+      reduction: ``"none"`` for the per-token penalty ``[...]`` (e.g. to subtract β·KL from each
+        token's reward, or to weight it per token), or a scalar reduction as in
+        :func:`kldiv.reduce` (``"mean"``: over the kept tokens). No default.
+      mask: optional token keep-mask broadcastable to ``[...]`` (e.g. the response tokens):
+        dropped tokens give 0 and touch no gradient, whatever their hidden states hold.
+      vocab_size, count, batch_size, chunk_size, axis_name: as in :func:`fused_linear_kl`.
+
+    Returns:
+      The per-token KL ``[...]`` (``"none"``; masked tokens 0) or the reduced scalar; float32 for
+      16-bit inputs. Differentiable w.r.t. the policy's hidden states and weight.
+
+    Raises:
+      TypeError, ValueError: as :func:`fused_linear_kl`.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import kldiv
+      >>> # 1 sequence × 3 response tokens; hidden size 4; vocabulary of 6.
+      >>> ref_hidden = jnp.cos(jnp.arange(12.0)).reshape(1, 3, 4)
+      >>> ref_weight = jnp.sin(jnp.arange(24.0)).reshape(4, 6)
+      >>> policy_hidden = ref_hidden + 0.3 * jnp.sin(jnp.arange(12.0)).reshape(1, 3, 4)
+      >>> policy_weight = ref_weight
+      >>> mask = jnp.array([[True, True, False]])  # the last token is padding
+      >>> penalty = kldiv.fused_linear_kl_penalty(
+      ...     ref_hidden, ref_weight, policy_hidden, policy_weight, reduction="none", mask=mask
+      ... )
+      >>> print(np.asarray(penalty).round(4))
+      [[0.0601 0.0382 0.    ]]
+
+      The exact KL from materialised logits (:func:`kldiv.kl_penalty_exact`, policy first):
+
+      >>> exact = kldiv.kl_penalty_exact(
+      ...     policy_hidden @ policy_weight, ref_hidden @ ref_weight, mask=mask
+      ... )
+      >>> print(np.asarray(exact).round(4))
+      [[0.0601 0.0382 0.    ]]
+
+      Its exact gradient w.r.t. the policy, for a penalty β·KL averaged over the kept tokens:
+
+      >>> def loss(policy_hidden, policy_weight):
+      ...     return 0.1 * kldiv.fused_linear_kl_penalty(
+      ...         ref_hidden, ref_weight, policy_hidden, policy_weight, reduction="mean", mask=mask
+      ...     )
+      >>> grad_hidden, grad_weight = jax.grad(loss, argnums=(0, 1))(policy_hidden, policy_weight)
+      >>> grad_hidden.shape, grad_weight.shape
+      ((1, 3, 4), (4, 6))
+
+    References:
+      J. Schulman (2020), "Approximating KL Divergence"; Hsu et al. (2024), "Liger Kernel".
+    """
+    return fused_linear_kl(
+        ref_hidden,
+        ref_weight,
+        policy_hidden,
+        policy_weight,
+        reduction=reduction,
+        mask=mask,
+        direction="reverse",
+        vocab_size=vocab_size,
+        count=count,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        axis_name=axis_name,
+    )

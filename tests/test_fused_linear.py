@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from _jax_compat import enable_x64
 
 import kldiv
 from kldiv import fused_linear
@@ -271,6 +272,8 @@ def test_errors():
         fused_linear_kl(ht, wt, hs, ws, reduction="sum", mask=np.ones(N + 1, bool))
     with pytest.raises(ValueError, match="dataset_size"):
         fused_linear_kl(ht, wt, hs, ws, reduction="dataset")
+    with pytest.raises(ValueError, match="kldiv: `axis_name`='vocab' names no mapped axis"):
+        fused_linear_kl(ht, wt, hs, ws, reduction="sum", axis_name="vocab")
 
 
 def _temp(f, n, h, v, chunk):
@@ -541,3 +544,69 @@ def test_grad_filter_errors():
     for bad in (-1e-7, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="grad_filter"):
             fused_linear_kl(ht, wt, hs, ws, reduction="sum", grad_filter=bad)
+
+
+# The exact per-token RL penalty KL(π_θ‖π_ref) from hidden states (fused_linear_kl_penalty).
+
+
+def _penalty_reference(policy_hidden, policy_weight, ref_hidden, ref_weight, keep):
+    """KL(π_θ‖π_ref) per token from materialised float64 log-softmax, masked tokens 0."""
+    lp = _log_softmax(policy_hidden @ policy_weight)
+    lr = _log_softmax(jax.lax.stop_gradient(ref_hidden @ ref_weight))
+    return jnp.where(keep, jnp.sum(jnp.exp(lp) * (lp - lr), -1), 0.0)
+
+
+@pytest.mark.parametrize("chunk", [3, None])
+def test_penalty_equals_exact_per_token_kl_from_log_softmax(chunk):
+    hs, ws, ht, wt = _inputs(12)
+    keep = _rng(13).random(N) < 0.7
+    hs[~keep] = np.nan  # padding: whatever it holds never counts
+    weights = _rng(14).normal(size=N)  # e.g. per-token advantages multiplying the penalty
+
+    def fused(hs, ws):
+        out = kldiv.fused_linear_kl_penalty(
+            ht, wt, hs, ws, reduction="none", mask=keep, chunk_size=chunk
+        )
+        return jnp.sum(out * weights), out
+
+    def reference(hs, ws):
+        out = _penalty_reference(jnp.where(keep[:, None], hs, 0), ws, ht, wt, keep)
+        return jnp.sum(out * weights), out
+
+    (got, got_vals), got_g = jax.value_and_grad(fused, (0, 1), has_aux=True)(hs, ws)
+    (want, want_vals), want_g = jax.value_and_grad(reference, (0, 1), has_aux=True)(hs, ws)
+    np.testing.assert_allclose(got_vals, want_vals, rtol=1e-12, atol=1e-14)
+    assert np.all(got_vals[~keep] == 0) and np.all(got_vals >= 0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+    assert np.all(got_g[0][~keep] == 0)
+    # The same values as the estimators' exact penalty on materialised logits (policy first).
+    exact = kldiv.kl_penalty_exact(np.where(keep[:, None], hs, 0) @ ws, ht @ wt, mask=keep)
+    np.testing.assert_allclose(got_vals, exact, rtol=1e-12, atol=1e-14)
+
+
+def test_penalty_is_reverse_kl_and_reduces_like_fused_linear_kl():
+    hs, ws, ht, wt = _inputs(15)
+    mask = np.arange(N) % 4 != 0
+    got = kldiv.fused_linear_kl_penalty(ht, wt, hs, ws, reduction="mean", mask=mask)
+    want = fused_linear_kl(ht, wt, hs, ws, reduction="mean", mask=mask, direction="reverse")
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    ref = _penalty_reference(hs, ws, ht, wt, mask)
+    np.testing.assert_allclose(got, np.sum(ref) / mask.sum(), rtol=1e-12)
+
+
+def test_penalty_float32_accurate_near_the_reference_policy():
+    """At the start of RL training π_θ ≈ π_ref: float32 keeps the tiny KL accurate (relative)."""
+
+    hs, ws, ht, wt = _inputs(16, n=8, v=64)
+    ht, wt = hs, ws
+    hs = hs + 1e-3 * _rng(17).normal(size=hs.shape)
+    want = _penalty_reference(hs, ws, ht, wt, np.ones(8, bool))
+    with enable_x64(False):
+        args = [np.asarray(x, np.float32) for x in (ht, wt, hs, ws)]
+        got = kldiv.fused_linear_kl_penalty(*args, reduction="none")
+        assert got.dtype == jnp.float32
+    assert np.all(np.asarray(want) > 0)
+    np.testing.assert_allclose(got, want, rtol=2e-3)

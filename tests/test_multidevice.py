@@ -199,6 +199,225 @@ def test_fused_linear_kl_grad_filter_under_shard_map(mesh, reduction, grad_filte
     specs = (P("data"), P(), P("data"), P())
     _, (got, got_g) = _unsharded_and_sharded(mesh, loss, (ht, wt, hs, ws), specs, (2, 3))
     want, want_g = jax.value_and_grad(lambda hs, ws: loss(ht, wt, hs, ws, gf=None), (0, 1))(hs, ws)
+
+
+@pytest.fixture(scope="module")
+def mesh_2d():
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "vocab"))
+
+
+def _vocab_parallel_data(seed=7):
+    rng = np.random.default_rng(seed)
+    n, h_t, h_s, v = 12, 5, 4, 16
+    ht, hs = rng.normal(size=(n, h_t)), rng.normal(size=(n, h_s))
+    wt, ws = rng.normal(size=(h_t, v)) * 2, rng.normal(size=(h_s, v))
+    labels = rng.integers(0, v, size=n)
+    labels[3] = -100  # ignore_index
+    labels[7] = v - 1  # the last column of the last shard
+    mask = np.ones(n, bool)
+    mask[5] = False  # dropped: whatever its hidden states hold never counts
+    hs[5] = np.nan
+    return ht, wt, hs, ws, labels, mask
+
+
+_VOCAB_SPECS = (P("data"), P(None, "vocab"), P("data"), P(None, "vocab"), P("data"), P("data"))
+
+
+@pytest.mark.parametrize(
+    ("direction", "temperature"),
+    [("forward", 1.0), ("forward", 1.7), ("reverse", 1.7), ("jsd", 1.7)],
+)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_fused_linear_kl_vocabulary_parallel_matches_unsharded(
+    mesh_2d, direction, reduction, temperature
+):
+    """Tokens over "data", both heads split by vocabulary over "vocab" (each device holds only
+    [H, V/2] columns): values and gradients (student hidden and weight) equal the unsharded
+    computation, with a mask, labels (ignore_index, the hard term) and a temperature; "mean"
+    counts each token once (not once per vocabulary shard)."""
+    ht, wt, hs, ws, labels, mask = _vocab_parallel_data()
+    kw = dict(direction=direction, temperature=temperature, hard_weight=0.3, chunk_size=4)
+
+    def fused(ht, wt, hs, ws, labels, mask, axis_name=None, count=None):
+        return kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction=reduction, labels=labels, mask=mask, count=count,
+            axis_name=axis_name, **kw,
+        )  # fmt: skip
+
+    position = 1.0 + np.arange(len(hs))  # a different weight per token for reduction="none"
+
+    def loss(*args):
+        out = fused(*args)
+        return (jnp.sum(out * position) if reduction == "none" else out), out
+
+    (want, want_vals), want_g = jax.value_and_grad(loss, (2, 3), has_aux=True)(
+        ht, wt, hs, ws, labels, mask
+    )
+
+    def step(ht, wt, hs, ws, labels, mask):
+        def sharded_loss(hs, ws):
+            count = None
+            if reduction == "mean":  # the global number of kept tokens
+                kept = jnp.asarray(mask) & (labels != -100)
+                count = kldiv.count_kept(kept, axis_name="data")
+            out = fused(ht, wt, hs, ws, labels, mask, axis_name="vocab", count=count)
+            if reduction == "none":
+                rows = jax.lax.axis_index("data") * out.shape[0] + jnp.arange(out.shape[0])
+                return jax.lax.psum(jnp.sum(out * (1.0 + rows)), "data"), out
+            total = jax.lax.psum(out, "data")
+            return total, total
+
+        return jax.value_and_grad(sharded_loss, (0, 1), has_aux=True)(hs, ws)
+
+    vals_spec = P("data") if reduction == "none" else P()
+    out_specs = ((P(), vals_spec), (P("data"), P(None, "vocab")))
+    (got, got_vals), got_g = jax.jit(
+        jax.shard_map(step, mesh=mesh_2d, in_specs=_VOCAB_SPECS, out_specs=out_specs)
+    )(ht, wt, hs, ws, labels, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    if reduction == "none":
+        np.testing.assert_allclose(got_vals, want_vals, rtol=1e-12, atol=1e-15)
+        assert got_vals[5] == 0 and got_vals[3] == 0
+    for g, w in zip(got_g, want_g, strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_linear_kl_vocabulary_parallel_traced_temperature_and_weights(mesh_2d):
+    """Gradients w.r.t. a traced temperature and the term weights sum over token shards only
+    (every vocabulary shard holds the same per-token values)."""
+    ht, wt, hs, ws, labels, mask = _vocab_parallel_data(8)
+
+    def loss(hs, ws, t, soft_w, ht, wt, labels, mask, axis_name=None):
+        return kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction="sum", labels=labels, mask=mask, temperature=t,
+            hard_weight=0.5, soft_weight=soft_w, axis_name=axis_name, chunk_size=4,
+        )  # fmt: skip
+
+    args = (jnp.asarray(1.3), jnp.asarray(0.8))
+    want, want_g = jax.value_and_grad(loss, (0, 1, 2, 3))(hs, ws, *args, ht, wt, labels, mask)
+
+    def step(ht, wt, hs, ws, labels, mask, t, soft_w):
+        def sharded(hs, ws, t, soft_w):
+            out = loss(hs, ws, t, soft_w, ht, wt, labels, mask, axis_name="vocab")
+            return jax.lax.psum(out, "data")
+
+        return jax.value_and_grad(sharded, (0, 1, 2, 3))(hs, ws, t, soft_w)
+
+    in_specs = (*_VOCAB_SPECS, P(), P())
+    out_specs = (P(), (P("data"), P(None, "vocab"), P(), P()))
+    got, got_g = jax.jit(jax.shard_map(step, mesh=mesh_2d, in_specs=in_specs, out_specs=out_specs))(
+        ht, wt, hs, ws, labels, mask, *args
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_linear_kl_vocabulary_parallel_errors(mesh_2d):
+    ht, wt, hs, ws, labels, mask = _vocab_parallel_data()
+
+    def run(fn, replicated_weights=False):
+        w_spec = P() if replicated_weights else P(None, "vocab")
+        specs = (P("data"), w_spec, P("data"), w_spec)
+        return jax.jit(jax.shard_map(fn, mesh=mesh_2d, in_specs=specs, out_specs=P()))(
+            ht, wt, hs, ws
+        )
+
+    def with_vocab_size(ht, wt, hs, ws):
+        out = kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction="sum", vocab_size=6, axis_name="vocab"
+        )
+        return jax.lax.psum(out, "data")
+
+    with pytest.raises(ValueError, match="kldiv: `vocab_size` cannot be combined with `axis_name`"):
+        run(with_vocab_size)
+
+    def replicated(ht, wt, hs, ws):
+        out = kldiv.fused_linear_kl(ht, wt, hs, ws, reduction="sum", axis_name="vocab")
+        return jax.lax.psum(out, "data")
+
+    with pytest.raises(ValueError, match="`student_weight` .* is replicated over \\['vocab'\\]"):
+        run(replicated, replicated_weights=True)
+
+    def unbound(ht, wt, hs, ws):
+        out = kldiv.fused_linear_kl(ht, wt, hs, ws, reduction="sum", axis_name="model")
+        return jax.lax.psum(out, "data")
+
+    with pytest.raises(ValueError, match="kldiv: `axis_name`='model' names no mapped axis"):
+        run(unbound)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_fused_linear_kl_data_parallel_with_a_sharded_mask(mesh, reduction):
+    """A mask sharded with the tokens (it varies over the mapped axis): the per-token weights of
+    the reduction are each shard's own, not summed over the shards; "mean" with the global
+    count."""
+    rng = np.random.default_rng(9)
+    n, h, v = 16, 5, 12
+    ht, hs = rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    wt, ws = rng.normal(size=(h, v)), rng.normal(size=(h, v))
+    mask = rng.random(n) < 0.7
+
+    def loss(ht, wt, hs, ws, mask, count=None):
+        out = kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction=reduction, mask=mask, count=count, chunk_size=2
+        )
+        return jnp.sum(out) if reduction == "none" else out
+
+    def sharded(ht, wt, hs, ws, mask):
+        count = kldiv.count_kept(mask, axis_name="data") if reduction == "mean" else None
+        return loss(ht, wt, hs, ws, mask, count)
+
+    specs = (P("data"), P(), P("data"), P(), P("data"))
+    want = jax.value_and_grad(loss, (2, 3))(ht, wt, hs, ws, mask)
+
+    def step(*xs):
+        return jax.value_and_grad(lambda *ys: jax.lax.psum(sharded(*ys), "data"), (2, 3))(*xs)
+
+    out_specs = (P(), (P("data"), P()))
+    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=out_specs))(
+        ht, wt, hs, ws, mask
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma):
+    """Vocabulary split over all 4 devices, tokens replicated, with and without shard_map's
+    varying-axes checks: the hidden states' gradient is the psum of the per-shard products
+    either way (through the cast's transpose or explicitly)."""
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    mesh_v = Mesh(np.array(jax.devices()[:4]), ("vocab",))
+    rng = np.random.default_rng(10)
+    ht, hs = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    wt, ws = rng.normal(size=(3, 16)), rng.normal(size=(3, 16))
+
+    def loss(hs, ws, wt, axis_name=None):
+        return kldiv.fused_linear_kl(
+            ht, wt, hs, ws, reduction="mean", temperature=1.3, axis_name=axis_name
+        )
+
+    want, want_g = jax.value_and_grad(loss, (0, 1))(hs, ws, wt)
+
+    def step(hs, ws, wt):
+        return jax.value_and_grad(lambda a, b: loss(a, b, wt, "vocab"), (0, 1))(hs, ws)
+
+    specs = (P(), P(None, "vocab"), P(None, "vocab"))
+    got, got_g = jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh_v,
+            in_specs=specs,
+            out_specs=(P(), (P(), P(None, "vocab"))),
+            check_vma=check_vma,
+        )
+    )(hs, ws, wt)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)

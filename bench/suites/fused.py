@@ -38,7 +38,10 @@ Cases (``--fused-cases``, comma-separated; default: all):
     An exact per-token KL penalty over the full vocabulary (``kl_from_logits``, policy vs
     reference logits, gradient w.r.t. the policy logits) against the sampled k3 estimator
     (``kldiv.estimators.kl_k3`` on log-probabilities gathered from ``jax.nn.log_softmax`` of
-    both logits at the sampled tokens), [8192 tokens, 32768 vocabulary].
+    both logits at the sampled tokens), [8192 tokens, 32768 vocabulary]. From hidden states:
+    the exact per-token KL of the fused head (``fused_linear_kl_penalty``, reduction
+    ``"none"``, then the mean; gradients w.r.t. the policy's hidden states and weight) against
+    k3 from the materialised logits of both heads, [2048 × 512] @ [512 × 32768].
 ``gpu``
     Pallas kernel vs optax/xla on GPU, bfloat16 [8192, 131072]. Without a GPU backend these rows
     say "not measured (no GPU)" instead of numbers.
@@ -587,7 +590,39 @@ def _penalty(args, progress, quick):
 
     cands = {"exact-kl (kl_from_logits, auto)": (exact, (0,)), k3_label: (k3, (0,))}
     res = _measure(cands, args, (policy, ref), args.fused_rounds, k3_label, progress, "penalty")
-    return [_row("penalty", k, n, v, "float32", m, "ratio_vs_k3") for k, m in res.items()]
+    rows = [_row("penalty", k, n, v, "float32", m, "ratio_vs_k3") for k, m in res.items()]
+    return rows + _penalty_hidden(args, progress, quick, kl_k3)
+
+
+def _penalty_hidden(args, progress, quick, kl_k3):
+    """The penalty from hidden states: the exact per-token KL of the fused head
+    (``fused_linear_kl_penalty``, reduction "none", then the mean) against k3 from the
+    materialised policy and reference logits (log_softmax, gathered at sampled tokens); gradients
+    w.r.t. the policy's hidden states and weight."""
+    n, h, v = (256, 64, 4096) if quick else (2048, 512, 32768)
+    policy_hidden, policy_weight, ref_hidden, ref_weight = _linear_inputs(n, h, v, seed=5)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, v, n))
+
+    def exact(ph, pw, rh, rw):
+        return jnp.mean(kldiv.fused_linear_kl_penalty(rh, rw, ph, pw, reduction="none"))
+
+    def k3(ph, pw, rh, rw):
+        def gather(z):
+            return jnp.take_along_axis(jax.nn.log_softmax(z), tokens[:, None], -1)[:, 0]
+
+        ref_logp = jax.lax.stop_gradient(gather(rh @ rw))
+        return jnp.mean(kl_k3(gather(ph @ pw), ref_logp))
+
+    peer = "k3 from hidden states (materialised logits, log_softmax gather)"
+    cands = {
+        "exact-kl from hidden states (fused_linear_kl_penalty, none)": (exact, (0, 1)),
+        peer: (k3, (0, 1)),
+    }
+    inputs = (policy_hidden, policy_weight, ref_hidden, ref_weight)
+    res = _measure(cands, args, inputs, args.fused_rounds, peer, progress, "penalty (hidden)")
+    return [
+        _row("penalty", k, n, v, "float32", m, "ratio_vs_k3_hidden", H=h) for k, m in res.items()
+    ]
 
 
 def _gpu(args, progress, quick):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from kldiv import _checks, discrete
 from kldiv._logits import kl_logits_core, prepare_logits, prepare_pair
-from kldiv._numerics import log_ratio_probs, logits_stats, logits_terms
+from kldiv._numerics import log_ratio_probs, logits_stats, logits_terms, psum
 
 __all__: list[str] = []
 
@@ -68,8 +68,10 @@ def pair_from_log_probs(lp, lq):
     return Pair(p, q, lp, lq, d, _diff_from_ratio(p, q, d))
 
 
-def pair_from_logits(a, b):
-    ma, mb, sa, sb = logits_stats(a, b)
+def pair_from_logits(a, b, axis_name=None):
+    """The pair of softmax(a), softmax(b); with ``axis_name`` the last axis is one shard of a
+    vocabulary split over that mapped axis (global row statistics, local entries)."""
+    ma, mb, sa, sb = logits_stats(a, b, axis_name)
     p, q, dh = logits_terms(a, b, ma, mb, sa, sb)
     d = 2 * dh
     lp = (a - ma) - jnp.log(jnp.where(sa > 0, sa, 1))
@@ -121,18 +123,27 @@ def make_cores(rule) -> Cores:
         return jnp.sum(zero_nonfinite(r.hp) * dlp + zero_nonfinite(r.hq) * dlq, axis=-1)
 
     def logits_tangent(pair, r, da, db):
-        # d log p_i = da_i − Σ_j p_j da_j (softmax), so ∂D/∂a_i = hp_i − p_i Σ_j hp_j.
-        ga, gb = r.hp, r.hq
-        if not r.centred:
-            ga = ga - pair.p * jnp.sum(ga, axis=-1, keepdims=True)
-            gb = gb - pair.q * jnp.sum(gb, axis=-1, keepdims=True)
-        return jnp.sum(zero_nonfinite(ga) * da + zero_nonfinite(gb) * db, axis=-1)
+        ga, gb = logits_grads(pair, r)
+        return jnp.sum(ga * da + gb * db, axis=-1)
 
     return Cores(
         make(pair_from_probs, probs_tangent),
         make(pair_from_log_probs, log_probs_tangent),
         make(pair_from_logits, logits_tangent),
     )
+
+
+def logits_grads(pair: Pair, r: Rule, axis_name=None) -> tuple[jax.Array, jax.Array]:
+    """∂D/∂a and ∂D/∂b for logits a, b from a rule's log-space partials (0 where not finite).
+
+    d log p_i = da_i − Σ_j p_j da_j (softmax), so ∂D/∂a_i = hp_i − p_i Σ_j hp_j (likewise for b);
+    with ``axis_name`` the sums run over the shards of a vocabulary split over that axis.
+    """
+    ga, gb = r.hp, r.hq
+    if not r.centred:
+        ga = ga - pair.p * psum(jnp.sum(ga, axis=-1, keepdims=True), axis_name)
+        gb = gb - pair.q * psum(jnp.sum(gb, axis=-1, keepdims=True), axis_name)
+    return zero_nonfinite(ga), zero_nonfinite(gb)
 
 
 def zero_nonfinite(x):

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from kldiv._numerics import kl_terms
+from kldiv._numerics import kl_terms, psum
 from kldiv.family._core import (
     FGenerator,
     Pair,
     Rule,
+    logits_grads,
     make_cores,
+    pair_from_logits,
     prepare,
     static_real,
     xlogx,
@@ -60,6 +62,23 @@ def _js(space, x, y, beta, axis, where, temperature):
     if beta in (0.0, 1.0):
         return jnp.zeros(x.shape[:-1], x.dtype)
     return getattr(_JS, space)(x, y, (beta,))
+
+
+def js_rows_with_grads(a, b, beta: float, axis_name=None):
+    """JSD_β(softmax(a)‖softmax(b)) per row of prepared logits (tempered and masked, event axis
+    last) and both logit gradients, from the closed forms of :func:`js_from_logits`.
+
+    With ``axis_name`` the last axis is one shard of a vocabulary split over that mapped axis:
+    the row statistics and sums are global, the gradients local to the shard (the fused linear
+    head). ``beta`` ∈ {0, 1} gives zeros, as :func:`js_from_logits` does.
+    """
+    if beta in (0.0, 1.0):
+        zeros = jnp.zeros_like(a)
+        return zeros[..., 0], zeros, jnp.zeros_like(b)
+    pair = pair_from_logits(a, b, axis_name)
+    r = _js_rule(pair, beta)
+    ga, gb = logits_grads(pair, r, axis_name)
+    return psum(r.value, axis_name), ga, gb
 
 
 def js(

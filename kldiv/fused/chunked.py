@@ -50,6 +50,7 @@ from kldiv._numerics import (
     logits_stats,
     logits_terms,
     match_vma,
+    psum,
     sum_exp,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
@@ -80,15 +81,20 @@ def row_sum(x: jax.Array) -> jax.Array:
     return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
 
 
-def kl_rows_with_grads(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def kl_rows_with_grads(
+    a: jax.Array, b: jax.Array, axis_name=None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """KL(softmax(a)‖softmax(b)) per row of prepared ``[C, V]`` logits and both gradients.
 
     ∂KL/∂a = p·(x − KL) and ∂KL/∂b = q − p (``kl_logits_grads``): one evaluation of the shared
-    statistics and terms gives the value and the gradients (XLA drops the unused one).
+    statistics and terms gives the value and the gradients (XLA drops the unused one). With
+    ``axis_name`` the ``V`` columns are one shard of a vocabulary split over that mapped axis (as
+    ``kl_from_logits(..., axis_name=)``): row maxima, normalisers and the KL are combined across
+    the shards (pmax/psum), the gradients stay local to the shard.
     """
-    stats = logits_stats(a, b)
+    stats = logits_stats(a, b, axis_name)
     p, q, x = logits_terms(a, b, *stats)
-    kl = row_sum(logit_kl_terms(p, q, x))
+    kl = psum(row_sum(logit_kl_terms(p, q, x)), axis_name)
     ga, gb = kl_logits_grads(p, q, x, kl[:, None])
     return kl, ga, gb
 
