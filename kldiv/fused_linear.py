@@ -25,7 +25,12 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
-from kldiv._logits import static_temperature, temper_and_mask
+from kldiv._logits import (
+    static_temperature,
+    temper_and_mask,
+    transform_logits,
+    transform_logits_grad,
+)
 from kldiv._numerics import match_vma
 from kldiv.family import js_from_logits
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
@@ -81,6 +86,9 @@ class _Config(NamedTuple):
     t2: bool
     unit_temperature: bool  # T is the Python number 1: skip the divisions
     traced_temperature: bool  # T is an array: its gradient is computed
+    # (logit_scale, softcap) of each head (_checks.logit_transforms), None: neither
+    teacher_transform: _checks.LogitTransform | None = None
+    student_transform: _checks.LogitTransform | None = None
 
 
 def _soft_rows(cfg: _Config, a_t, a_s):
@@ -122,10 +130,13 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     t = temperature.astype(cdt)
     factor = t * t if cfg.t2 else jnp.ones_like(t)
     soft_scale = soft_w * factor
+    # The heads' logit scale and soft-cap, per chunk and before the temperature (identity if off).
+    z_t = transform_logits(z_t, cfg.teacher_transform)
+    y_s = transform_logits(z_s, cfg.student_transform)
     if cfg.unit_temperature:
-        a_t, a_s = z_t, z_s
+        a_t, a_s = z_t, y_s
     else:  # the shared tempering: centred, then divided (finite for logits of any size)
-        a_t, a_s = (temper_and_mask(z, cdt, t) for z in (z_t, z_s))
+        a_t, a_s = (temper_and_mask(z, cdt, t) for z in (z_t, y_s))
     soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
     dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
@@ -138,9 +149,11 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
         d_t = -soft_scale * dot / t + (soft_w * 2 * t * soft if cfg.t2 else 0)
     hard = jnp.zeros_like(soft)
     if cfg.hard:
-        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w)
+        hard, d_hard = _hard_rows(y_s, labels, ct * hard_w)
         loss = loss + hard_w * hard
         dz = dz + d_hard
+    if cfg.student_transform is not None:  # chain rule through the student's transform
+        dz = dz * transform_logits_grad(z_s, cfg.student_transform)
     return loss, dz, jnp.stack([ct * factor * soft, ct * hard, ct * d_t])
 
 
@@ -342,6 +355,8 @@ def fused_linear_kl(
     count: float | ArrayLike | None = None,
     batch_size: int | ArrayLike | None = None,
     chunk_size: int | None = None,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
 
@@ -399,6 +414,12 @@ def fused_linear_kl(
         and one weight-gradient product over all of H per chunk. Temporary memory is about
         four ``[C, V]`` blocks plus one ``[H, V]`` weight-gradient accumulator, whatever the
         number of tokens.
+      softcap, logit_scale: c > 0 and s > 0 (Python numbers, default None: off) of scaled and
+        soft-capped (Gemma-style) heads, applied per chunk to the logits of both heads before
+        the temperature, in this order: z ← c·tanh(s·z/c), then ÷T, as in
+        :func:`kldiv.kl_from_logits`; a ``(teacher, student)`` pair of numbers or None gives
+        each head its own. The hard-label term uses the transformed student logits (the
+        model's own logits, without T). Gradients carry the factor s·(1 − tanh²(s·z/c)).
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
@@ -482,6 +503,7 @@ def fused_linear_kl(
     wt = wt if v == vt else wt[:, :v]
     ht = jax.lax.stop_gradient(ht)
     cdt = _checks.compute_dtype(hs, ws, ht, wt)
+    teacher_tr, student_tr = _checks.logit_transforms(logit_scale, softcap, cdt)
 
     # Kept tokens: the reduction's mask, and labels other than ignore_index.
     reduce_mask = _checks.check_mask(mask, lead, "mask", numeric=True)
@@ -544,6 +566,8 @@ def fused_linear_kl(
         bool(scale_by_temperature_squared),
         unit_t,
         static_temperature(temperature) is None,
+        teacher_tr,
+        student_tr,
     )
     soft_w = jnp.asarray(soft_weight, cdt)
     hard_w = jnp.asarray(hard_weight, cdt)
