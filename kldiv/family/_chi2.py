@@ -96,5 +96,13 @@ def pearson_chi2_from_logits(
       0.0482
     """
     return simple(
-        _CHI2, "logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap
+        _CHI2,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
     )

@@ -108,7 +108,17 @@ def cross_entropy_from_logits(
       >>> print(f"{kldiv.cross_entropy_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       1.0507
     """
-    return simple(_CE, "logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap)
+    return simple(
+        _CE,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
 
 
 def _entropy(space, x, axis, where, temperature, name, logit_scale=None, softcap=None):

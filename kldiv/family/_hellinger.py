@@ -92,5 +92,13 @@ def squared_hellinger_from_logits(
       0.0062
     """
     return simple(
-        _HELLINGER, "logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap
+        _HELLINGER,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
     )

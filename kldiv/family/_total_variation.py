@@ -86,4 +86,14 @@ def total_variation_from_logits(
       >>> print(f"{kldiv.total_variation_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.1002
     """
-    return simple(_TV, "logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap)
+    return simple(
+        _TV,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
