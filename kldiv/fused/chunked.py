@@ -185,9 +185,12 @@ def _kl_rows_bwd(c, t, tr, res, g):
     # e^{a − max a}: XLA computes it once into an [N, V] buffer that it then reuses for a
     # gradient (no temporary) — possible only when the gradients have the compute dtype. For
     # narrower inputs the barrier keeps the passes independent (the shared terms are
-    # recomputed), so that no [N, V] temporary in the compute dtype is made.
+    # recomputed), so that no [N, V] temporary in the compute dtype is made. The same with a
+    # logit transform: XLA would otherwise keep the transformed logits of both inputs (shared
+    # by the two passes) as [N, V] buffers.
     ga = grad(0, a, b) if need_a else None
-    if need_a and need_b and (a.dtype != dtype or b.dtype != dtype):
+    transformed = tr[0] is not None or tr[1] is not None
+    if need_a and need_b and (a.dtype != dtype or b.dtype != dtype or transformed):
         a, b = jax.lax.optimization_barrier((a, b))
     return ga, (grad(1, a, b) if need_b else None), None
 
