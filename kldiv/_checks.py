@@ -202,6 +202,66 @@ def check_temperature(temperature, batch_shape: tuple[int, ...] | None = None, d
     return t[..., None]
 
 
+LogitTransform = tuple[float | None, float | None]
+"""(logit_scale, softcap) of one side of a pair of logits: Python floats, None where off."""
+
+
+def check_logit_transform(name: str, value, dtype=None) -> tuple[float | None, float | None]:
+    """The one check of ``softcap=`` / ``logit_scale=``; returns the (teacher, student) values.
+
+    ``value``: None (off on both sides), a Python number (the same on both sides) or a
+    ``(teacher, student)`` pair of Python numbers or None. Each number must be finite and > 0
+    (and, with ``dtype``, between that dtype's smallest normal number and its largest finite
+    one, so that it is representable in the compute dtype). TypeError for arrays, booleans,
+    strings and other objects (the transform is static: it is applied per chunk or block by the
+    fused paths), ValueError for values outside this, each naming ``name``.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(
+                f"kldiv: `{name}` as a pair must be (teacher, student), two Python numbers or "
+                f"None; got {len(value)} entries."
+            )
+        teacher, student = (_logit_transform_number(name, v, dtype) for v in value)
+        return teacher, student
+    number = _logit_transform_number(name, value, dtype)
+    return number, number
+
+
+def _logit_transform_number(name: str, value, dtype) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"kldiv: `{name}` must be None, a Python number > 0 or a (teacher, student) pair of "
+            f"them (a static value); got {type(value).__name__}."
+        )
+    v = float(value)
+    lo = float(jnp.finfo(dtype).tiny) if dtype is not None else 0.0
+    hi = float(jnp.finfo(dtype).max) if dtype is not None else np.inf
+    if not (np.isfinite(v) and v > 0 and lo <= v <= hi):
+        allowed = f"in [{lo:.3g}, {hi:.3g}] (normal {jnp.dtype(dtype).name})" if dtype else "> 0"
+        raise ValueError(f"kldiv: `{name}` must be finite and {allowed}; got {v}.")
+    return v
+
+
+def logit_transforms(
+    logit_scale, softcap, dtype=None
+) -> tuple[LogitTransform | None, LogitTransform | None]:
+    """``logit_scale=`` and ``softcap=`` checked (:func:`check_logit_transform`) and regrouped
+    per side: ((teacher scale, teacher cap), (student scale, student cap)), a side being None
+    where it has neither (a scale of exactly 1 counts as none)."""
+    scales = check_logit_transform("logit_scale", logit_scale, dtype)
+    caps = check_logit_transform("softcap", softcap, dtype)
+    out = []
+    for s, c in zip(scales, caps, strict=True):
+        s = None if s == 1.0 else s
+        out.append(None if s is None and c is None else (s, c))
+    return out[0], out[1]
+
+
 def check_same_event_size(names: Sequence[str], sizes: Sequence[int]) -> None:
     """ValueError naming both sizes when two event axes differ."""
     if len(set(sizes)) > 1:

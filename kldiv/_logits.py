@@ -4,8 +4,9 @@ Floor 2 of the package (below the implementations in :mod:`kldiv.fused` and the 
 :mod:`kldiv.discrete` and :mod:`kldiv.family`, above ``_checks`` and ``_numerics``). Every path that
 takes logits — the XLA reference, the chunked custom VJP, the Pallas kernel, the fused linear head —
 sees its inputs through :func:`temper_and_mask`, so that all of them agree on every edge (masks,
-temperature, −inf, NaN in masked entries); and every path differentiates through the same closed
-forms (:func:`kl_logits_core`'s JVP here, ``_numerics.kl_logits_grads`` in the fused paths).
+logit scale and soft-cap, temperature, −inf, NaN in masked entries); and every path
+differentiates through the same closed forms (:func:`kl_logits_core`'s JVP here,
+``_numerics.kl_logits_grads`` in the fused paths).
 """
 
 from __future__ import annotations
@@ -75,6 +76,65 @@ def _kl_logits_jvp(axis_name, primals, tangents):
     return out, psum(jnp.sum(ga * da + gb * db, axis=-1), axis_name)
 
 
+# ---------------------------------------------------------------------------------------------
+# Logit scale and soft-cap: logits ← c·tanh(s·x/c) (or s·x without a cap), before the temperature.
+
+
+def _constant(v: float, dtype) -> jax.Array:
+    """A positive Python float in ``dtype``, saturated to its largest finite value."""
+    return jnp.asarray(min(v, float(jnp.finfo(dtype).max)), dtype)
+
+
+def transform_logits(x, transform: _checks.LogitTransform | None):
+    """Logits as a scaled and soft-capped head gives them: c·tanh(s·x/c), or s·x without a cap.
+
+    ``transform``: (s, c) Python floats or None each (:func:`kldiv._checks.logit_transforms`),
+    or None for neither (``x`` returned as it is). The one definition of the transform, used on
+    whole arrays (XLA path), per row chunk (``kldiv.fused.chunked``) and per token chunk
+    (``kldiv.fused_linear``). Edges: −inf (an impossible or masked token) stays −inf (c·tanh
+    would give it the finite logit −c, i.e. mass); +inf gives c with a cap (the limit), +inf
+    without; NaN stays NaN. c·tanh(s·x/c) is computed as c·tanh((s/c)·x): finite for every
+    finite x (tanh saturates where (s/c)·x overflows); without a cap, s·x that overflows is
+    saturated to the dtype's largest finite value. Differentiable (custom JVP,
+    :func:`transform_logits_grad`).
+    """
+    if transform is None:
+        return x
+    return _transform(x, transform)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _transform(x, transform):
+    scale, cap = transform
+    s = 1.0 if scale is None else scale
+    if cap is None:
+        y = x * _constant(s, x.dtype)
+        return jnp.where(jnp.isfinite(x), saturate(y, nan_to_zero=False), y)
+    y = _constant(cap, x.dtype) * jnp.tanh(x * _constant(s / cap, x.dtype))
+    return jnp.where(x == -jnp.inf, x, y)
+
+
+@_transform.defjvp
+def _transform_jvp(transform, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    # Linear in dx (no saturation here: the tangent map must stay transposable).
+    return _transform(x, transform), dx * transform_logits_grad(x, transform)
+
+
+def transform_logits_grad(x, transform: _checks.LogitTransform | None):
+    """The derivative of :func:`transform_logits` at ``x``: s·(1 − tanh²(s·x/c)) with a cap,
+    formed as s·4e/(1 + e)² with e = exp(−2|s·x/c|) (finite everywhere: 0 where tanh saturates
+    and at ±inf, NaN at NaN); the scalar s without a cap; 1 (a Python number) for None."""
+    if transform is None:
+        return 1.0
+    scale, cap = transform
+    s = _constant(1.0 if scale is None else scale, x.dtype)
+    if cap is None:
+        return s
+    e = jnp.exp(-2 * jnp.abs(x * _constant((1.0 if scale is None else scale) / cap, x.dtype)))
+    return s * (4 * e / jnp.square(1 + e))
+
+
 def static_temperature(temperature) -> float | None:
     """A temperature known at trace time (a Python or NumPy real number) as a float, else None.
 
@@ -105,14 +165,24 @@ def masked_row_max(x, dtype, where=None, axis_name=None):
     return safe_max(jax.lax.stop_gradient(x), axis_name=axis_name)
 
 
-def tempered_max(center, temperature):
-    """The row maximum of :func:`temper_and_mask`'s output given the ``center`` it used: the
-    center itself at T = 1 (no centring), else 0 (the centred maximum)."""
-    return center if is_unit(temperature) else jnp.zeros_like(center)
+def tempered_max(center, temperature, transform: _checks.LogitTransform | None = None):
+    """The row maximum of :func:`temper_and_mask`'s output given the raw ``center`` it used: the
+    (transformed) center itself at T = 1 (no centring), else 0 (the centred maximum)."""
+    if is_unit(temperature):
+        return transform_logits(center, transform)
+    return jnp.zeros_like(center)
 
 
-def temper_and_mask(x, dtype, temperature: float | ArrayLike = 1.0, where=None, center=None):
-    """Logits as every path sees them: cast to ``dtype``, −inf where masked, divided by T.
+def temper_and_mask(
+    x,
+    dtype,
+    temperature: float | ArrayLike = 1.0,
+    where=None,
+    center=None,
+    transform: _checks.LogitTransform | None = None,
+):
+    """Logits as every path sees them: cast to ``dtype``, −inf where masked, scaled and
+    soft-capped (:func:`transform_logits`, when ``transform`` is given), divided by T.
 
     The one definition of the input semantics of :func:`kl_from_logits`, applied to whole arrays
     (XLA path), to row chunks (``kldiv.fused.chunked``) and to loaded vocabulary blocks
@@ -127,6 +197,8 @@ def temper_and_mask(x, dtype, temperature: float | ArrayLike = 1.0, where=None, 
     that every intermediate stays finite: the row maximum becomes exactly 0 however XLA rounds
     the division, and logits near ±3e38 cannot overflow (an entry whose tempered gap to the
     maximum is beyond the dtype's range becomes −inf: its probability is 0 to that precision).
+    ``center`` is always the *raw* row maximum: the transform is monotone, so the transformed
+    row maximum is the transform of it (computed here from the ``[..., 1]`` column).
     Entries that are −inf stay −inf through a double ``where``, so that the gradient with
     respect to a traced T is finite (their branch is differentiated at 0).
     """
@@ -134,9 +206,11 @@ def temper_and_mask(x, dtype, temperature: float | ArrayLike = 1.0, where=None, 
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
     if is_unit(temperature):
-        return x
+        return transform_logits(x, transform)
     if center is None:
         center = masked_row_max(x, dtype)
+    x = transform_logits(x, transform)
+    center = transform_logits(jax.lax.stop_gradient(center), transform)
     live = x != -jnp.inf  # NaN counts as live and propagates
     # (x − c)/T as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow.
     half = 0.5 * jnp.where(live, x, center) - 0.5 * jax.lax.stop_gradient(center)
@@ -166,42 +240,68 @@ def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
     return g if temperature == 1 else saturate(g / jnp.asarray(temperature, dtype))
 
 
-def masked_logits_cotangent(g, dtype, where=None):
+def masked_logits_cotangent(g, dtype, where=None, x=None, transform=None):
     """Cotangent of raw logits from the compute-dtype cotangent ``g`` of :func:`temper_and_mask`
-    (with the 1/T factor already in ``g``): exactly 0 at masked entries, cast to ``dtype``."""
+    (with the 1/T factor already in ``g``): times the transform's derivative at the raw logits
+    ``x`` (compute dtype) when ``transform`` is given, exactly 0 at masked entries, cast to
+    ``dtype``."""
+    if transform is not None:
+        g = g * transform_logits_grad(x, transform)
     if where is not None:
         g = jnp.where(where, g, jnp.zeros_like(g))
     return saturate(g.astype(dtype), nan_to_zero=False)
 
 
+Transforms = tuple[_checks.LogitTransform | None, _checks.LogitTransform | None]
+NO_TRANSFORMS: Transforms = (None, None)
+
+
 def temper_and_mask_pair(
-    a, b, temperature: float | ArrayLike = 1.0, where=None, axis_name=None
+    a,
+    b,
+    temperature: float | ArrayLike = 1.0,
+    where=None,
+    axis_name=None,
+    transforms: Transforms = NO_TRANSFORMS,
 ) -> tuple[jax.Array, jax.Array]:
     """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype
-    (centred on the global row maxima of a vocabulary split over ``axis_name``)."""
+    (centred on the global row maxima of a vocabulary split over ``axis_name``); ``transforms``:
+    the (a, b) logit transforms (:func:`transform_logits`)."""
     dtype = _checks.compute_dtype(a, b)
+    ta, tb = transforms
     if is_unit(temperature):
-        return temper_and_mask(a, dtype, 1.0, where), temper_and_mask(b, dtype, 1.0, where)
+        return (
+            temper_and_mask(a, dtype, 1.0, where, transform=ta),
+            temper_and_mask(b, dtype, 1.0, where, transform=tb),
+        )
     ca, cb = (masked_row_max(x, dtype, where, axis_name) for x in (a, b))
     return (
-        temper_and_mask(a, dtype, temperature, where, ca),
-        temper_and_mask(b, dtype, temperature, where, cb),
+        temper_and_mask(a, dtype, temperature, where, ca, ta),
+        temper_and_mask(b, dtype, temperature, where, cb, tb),
     )
 
 
-def kl_logits_aligned(a, b, where=None, temperature: float | ArrayLike = 1.0):
+def kl_logits_aligned(
+    a, b, where=None, temperature: float | ArrayLike = 1.0, transforms: Transforms = NO_TRANSFORMS
+):
     """The XLA path on aligned logits (event axis last, storage dtypes, as from
     :func:`align_pair`): whole arrays through :func:`temper_and_mask`, then the core."""
-    return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where), None)
+    return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where, None, transforms), None)
 
 
-def prepare_logits(logits_p, logits_q, axis: int, where, temperature):
-    """Checks, aligns, tempers and masks a pair of logit arrays (event axis last).
+def prepare_logits(
+    logits_p, logits_q, axis: int, where, temperature, logit_scale=None, softcap=None
+):
+    """Checks, aligns, scales and soft-caps, tempers and masks a pair of logit arrays (event axis
+    last).
 
     Masked entries become −inf in both, exactly as if the vocabulary excluded them. Returns whole
     arrays in the compute dtype (the XLA path); the fused paths apply the same
-    :func:`temper_and_mask` per chunk or block instead.
+    :func:`temper_and_mask` per chunk or block instead. ``logit_scale``/``softcap``: as
+    :func:`kldiv._checks.logit_transforms` takes them, (teacher, student) = (p, q).
     """
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    temperature = _checks.check_temperature(temperature, a.shape[:-1], _checks.compute_dtype(a, b))
-    return temper_and_mask_pair(a, b, temperature, where)
+    dtype = _checks.compute_dtype(a, b)
+    temperature = _checks.check_temperature(temperature, a.shape[:-1], dtype)
+    transforms = _checks.logit_transforms(logit_scale, softcap, dtype)
+    return temper_and_mask_pair(a, b, temperature, where, None, transforms)

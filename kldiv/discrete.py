@@ -29,6 +29,8 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._logits import (
+    NO_TRANSFORMS,
+    Transforms,
     align_pair,
     kl_logits_aligned,
     kl_logits_core,
@@ -211,6 +213,8 @@ def kl_from_logits(
     temperature: float | ArrayLike = 1.0,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """KL(softmax(logits_p / T) ‖ softmax(logits_q / T)), along ``axis``.
 
@@ -255,6 +259,19 @@ def kl_from_logits(
         split over this mapped axis, each shard passes its slice of both logits; the row maxima,
         normalisers and the sum are combined across shards (``pmax``/``psum``), so every shard
         returns the global KL and gradients equal the unsharded computation. Uses ``"xla"``.
+      softcap: c > 0, the soft-cap of Gemma-style heads, or None (off, the default). Applied
+        before the temperature, after ``logit_scale``: logits ← c·tanh(s·x/c), then ÷T. A
+        Python number applies to both logits; a ``(teacher, student)`` pair of Python numbers
+        or None gives each side its own (e.g. ``(30.0, None)``: only the teacher caps). −inf
+        logits stay −inf (an impossible token keeps probability 0; c·tanh(−inf) = −c would give
+        it mass), NaN stays NaN, finite logits of any size give finite values (tanh saturates).
+        Gradients carry the chain-rule factor s·(1 − tanh²(s·x/c)), 0 where tanh saturates.
+      logit_scale: s > 0, a multiplier of the logits applied first (logits ← s·x), or None
+        (off); a Python number or a ``(teacher, student)`` pair as for ``softcap``. Without a
+        soft-cap, s·x beyond the dtype's range is saturated to its largest finite value.
+        Both are static (Python numbers): the chunked path applies them per row chunk (no
+        ``[N, V]`` copy). ``impl="pallas"`` does not support them yet (NotImplementedError);
+        ``impl="auto"`` then never picks it.
 
     Returns:
       KL per example (float32 for 16-bit inputs, else the input dtype). Entries with p = 0
@@ -271,7 +288,10 @@ def kl_from_logits(
       TypeError: non-floating inputs (Python lists of floats are accepted), a non-boolean
         ``where``, a boolean or string ``temperature``.
       ValueError: shapes that do not broadcast; ``axis`` out of range; a concrete temperature
-        that is not finite and positive, or an array temperature that is not one per example.
+        that is not finite and positive, or an array temperature that is not one per example;
+        a ``softcap`` or ``logit_scale`` that is not a finite positive number (TypeError for
+        arrays: they are static).
+      NotImplementedError: ``impl="pallas"`` with ``softcap`` or ``logit_scale``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -293,6 +313,18 @@ def kl_from_logits(
       >>> print(np.asarray(masked).round(4))
       [0.1109 0.1201]
 
+      Soft-capped heads (Gemma-style, c·tanh(x/c)): the same as capping the logits first.
+
+      >>> big_teacher, big_student = 20 * teacher, 20 * student
+      >>> capped = kldiv.kl_from_logits(big_teacher, big_student, softcap=30.0)
+      >>> print(np.asarray(capped).round(4))
+      [ 0.6914 10.557 ]
+      >>> first = kldiv.kl_from_logits(
+      ...     30 * jnp.tanh(big_teacher / 30), 30 * jnp.tanh(big_student / 30)
+      ... )
+      >>> print(np.asarray(first).round(4))
+      [ 0.6914 10.557 ]
+
     References:
       Kullback & Leibler (1951); Hinton et al. (2015), "Distilling the knowledge in a neural
       network", for temperature.
@@ -303,10 +335,20 @@ def kl_from_logits(
             f"kldiv: axis_name (tensor-parallel vocabulary) needs impl='xla'; got {impl!r}."
         )
     a, b, where = align_pair("logits_p", logits_p, "logits_q", logits_q, axis, where)
-    temperature = _checks.check_temperature(temperature, a.shape[:-1], _checks.compute_dtype(a, b))
+    dtype = _checks.compute_dtype(a, b)
+    temperature = _checks.check_temperature(temperature, a.shape[:-1], dtype)
+    transforms = _checks.logit_transforms(logit_scale, softcap, dtype)
+    if impl == "pallas" and transforms != NO_TRANSFORMS:
+        raise NotImplementedError(
+            "kldiv: impl='pallas' does not support `softcap`/`logit_scale` yet; use "
+            "impl='chunked' or 'xla' (or 'auto')."
+        )
     if axis_name is not None:
-        return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where, axis_name), axis_name)
-    return _kl_from_aligned_logits(a, b, impl, where=where, temperature=temperature)
+        pair = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms)
+        return kl_logits_core(*pair, axis_name)
+    return _kl_from_aligned_logits(
+        a, b, impl, where=where, temperature=temperature, transforms=transforms
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,23 +402,33 @@ def choose_logits_impl(shape: tuple[int, ...], dtype=None, backend: str | None =
 
 
 def _kl_from_aligned_logits(
-    a, b, impl: str, *, where=None, temperature: float | ArrayLike = 1.0
+    a,
+    b,
+    impl: str,
+    *,
+    where=None,
+    temperature: float | ArrayLike = 1.0,
+    transforms: Transforms = NO_TRANSFORMS,
 ) -> jax.Array:
     """KL(softmax(a/T)‖softmax(b/T)) along the last axis of aligned logits (``align_pair``),
-    computed by ``impl``. A Python-number temperature is applied per chunk or block by the fused
-    paths; an array (traced) temperature is applied to the whole inputs here (a full copy in the
-    compute dtype), so that its gradient flows through ordinary autodiff."""
+    computed by ``impl``. A Python-number temperature and the logit ``transforms`` are applied
+    per chunk or block by the fused paths; an array (traced) temperature is applied, with the
+    transforms, to the whole inputs here (a full copy in the compute dtype), so that its
+    gradient flows through ordinary autodiff. The Pallas kernel does not take transforms yet:
+    ``"auto"`` then picks among the others."""
     if impl == "auto":
         impl = choose_logits_impl(a.shape, a.dtype)
+        if impl == "pallas" and transforms != NO_TRANSFORMS:
+            impl = "chunked" if a.size >= AUTO_CHUNKED_MIN_ELEMENTS else "xla"
     if impl == "xla":
-        return kl_logits_aligned(a, b, where, temperature)
+        return kl_logits_aligned(a, b, where, temperature, transforms)
     t = static_temperature(temperature)
     if t is None:  # an array temperature: applied here, so that its gradient flows (full copy);
         # masked first, so that whatever a masked entry holds never meets the T derivative
-        a, b = temper_and_mask_pair(a, b, temperature, where)
-        t = 1.0
+        a, b = temper_and_mask_pair(a, b, temperature, where, None, transforms)
+        t, transforms = 1.0, NO_TRANSFORMS
     if impl == "chunked":
-        return kl_logits_chunked(a, b, where=where, temperature=t)
+        return kl_logits_chunked(a, b, where=where, temperature=t, transforms=transforms)
     from kldiv.fused.pallas import kl_logits_pallas  # optional: Pallas imports only when used
 
     return kl_logits_pallas(a, b, where=where, temperature=t)

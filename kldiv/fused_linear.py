@@ -25,7 +25,12 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
-from kldiv._logits import static_temperature, temper_and_mask_pair
+from kldiv._logits import (
+    static_temperature,
+    temper_and_mask_pair,
+    transform_logits,
+    transform_logits_grad,
+)
 from kldiv._numerics import axis_names, check_axis_name, match_vma, psum, varying_axes
 from kldiv.family._js import js_rows_with_grads
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
@@ -91,6 +96,9 @@ class _Config(NamedTuple):
     # Mapped axes over which grad_hidden is summed (those of axis_name that the hidden states do
     # not vary over: replicated hidden states get the sum of the per-shard products).
     hidden_psum: tuple[str, ...] = ()
+    # (logit_scale, softcap) of each head (_checks.logit_transforms), None: neither
+    teacher_transform: _checks.LogitTransform | None = None
+    student_transform: _checks.LogitTransform | None = None
 
 
 def _soft_rows(cfg: _Config, a_t, a_s):
@@ -135,10 +143,13 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     t = temperature.astype(cdt)
     factor = t * t if cfg.t2 else jnp.ones_like(t)
     soft_scale = soft_w * factor
+    # The heads' logit scale and soft-cap, per chunk and before the temperature (identity if off).
+    z_t = transform_logits(z_t, cfg.teacher_transform)
+    y_s = transform_logits(z_s, cfg.student_transform)
     if cfg.unit_temperature:
-        a_t, a_s = z_t, z_s
+        a_t, a_s = z_t, y_s
     else:  # the shared tempering: centred (on global row maxima), then divided
-        a_t, a_s = temper_and_mask_pair(z_t, z_s, t, axis_name=cfg.axis_name)
+        a_t, a_s = temper_and_mask_pair(z_t, y_s, t, axis_name=cfg.axis_name)
     soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
     dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
@@ -151,9 +162,11 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
         d_t = -soft_scale * dot / t + (soft_w * 2 * t * soft if cfg.t2 else 0)
     hard = jnp.zeros_like(soft)
     if cfg.hard:
-        hard, d_hard = _hard_rows(z_s, labels, ct * hard_w, cfg.axis_name)
+        hard, d_hard = _hard_rows(y_s, labels, ct * hard_w, cfg.axis_name)
         loss = loss + hard_w * hard
         dz = dz + d_hard
+    if cfg.student_transform is not None:  # chain rule through the student's transform
+        dz = dz * transform_logits_grad(z_s, cfg.student_transform)
     return loss, dz, jnp.stack([ct * factor * soft, ct * hard, ct * d_t])
 
 
@@ -445,6 +458,8 @@ def fused_linear_kl(
     chunk_size: int | None = None,
     grad_filter: float | None = None,
     axis_name: str | tuple[str, ...] | None = None,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
 
@@ -537,6 +552,12 @@ def fused_linear_kl(
         once: ``"mean"`` counts each token once (for tokens also split over a data axis, pass
         the global ``count`` or reduce with ``"sum"`` and psum over that axis). ``vocab_size`` is
         not supported here (the shards must hold whole, equal slices of one vocabulary).
+      softcap, logit_scale: c > 0 and s > 0 (Python numbers, default None: off) of scaled and
+        soft-capped (Gemma-style) heads, applied per chunk to the logits of both heads before
+        the temperature, in this order: z ← c·tanh(s·z/c), then ÷T, as in
+        :func:`kldiv.kl_from_logits`; a ``(teacher, student)`` pair of numbers or None gives
+        each head its own. The hard-label term uses the transformed student logits (the
+        model's own logits, without T). Gradients carry the factor s·(1 − tanh²(s·z/c)).
 
     Returns:
       The reduced loss (a scalar), or the per-token values ``[...]`` for ``"none"`` (dropped
@@ -648,6 +669,7 @@ def fused_linear_kl(
     wt = wt if v == vt else wt[:, :v]
     ht = jax.lax.stop_gradient(ht)
     cdt = _checks.compute_dtype(hs, ws, ht, wt)
+    teacher_tr, student_tr = _checks.logit_transforms(logit_scale, softcap, cdt)
 
     # Kept tokens: the reduction's mask, and labels other than ignore_index.
     reduce_mask = _checks.check_mask(mask, lead, "mask", numeric=True)
@@ -723,6 +745,8 @@ def fused_linear_kl(
         grad_filter=grad_filter,
         axis_name=axis_name,
         hidden_psum=tuple(a for a in axis_names(axis_name) if a not in varying_axes(hs)),
+        teacher_transform=teacher_tr,
+        student_transform=student_tr,
     )
 
     def reduce_fn(values):

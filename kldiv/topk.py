@@ -174,6 +174,8 @@ def kl_topk_teacher(
     temperature: float | ArrayLike = 1.0,
     where: ArrayLike | None = None,
     mask: ArrayLike | None = None,
+    softcap: float | tuple[None, float | None] | None = None,
+    logit_scale: float | tuple[None, float | None] | None = None,
 ) -> jax.Array:
     """KL(teacher ‖ student) with a top-k teacher, per position (or reduced).
 
@@ -190,6 +192,12 @@ def kl_topk_teacher(
       reduction: how positions are aggregated, required (``"none"`` returns the per-position
         values); see :func:`kldiv.reduce`.
       mask: optional token keep-mask ``[...]`` for the reduction (masked positions give 0).
+      softcap, logit_scale: c > 0 and s > 0 (Python numbers, default None: off) of a scaled and
+        soft-capped student head, applied to ``student_logits`` before the temperature, in this
+        order: logits ← c·tanh(s·x/c), then ÷T, as in :func:`kldiv.kl_from_logits` (−inf stays
+        −inf). They apply to the student only: the teacher side is log-probabilities, already
+        normalised (compute them from the capped teacher logits). A ``(teacher, student)`` pair
+        is accepted with ``None`` as the teacher entry.
 
     Returns:
       ``[...]`` per-position KL for ``"none"`` (float32 for 16-bit inputs), else the reduced
@@ -200,7 +208,8 @@ def kl_topk_teacher(
     Raises:
       TypeError: non-integer ids, non-floating log-probs/logits.
       ValueError: ids and log-probs of different shapes; leading shapes that differ from the
-        student's; unknown ``tail``; a Python temperature ≤ 0.
+        student's; unknown ``tail``; a Python temperature ≤ 0; a ``softcap``/``logit_scale``
+        that is not a finite positive number, or a pair with a teacher entry.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -236,8 +245,19 @@ def kl_topk_teacher(
         )
     dtype = _checks.compute_dtype(lp, s)
     temperature = _checks.check_temperature(temperature, s.shape[:-1], dtype)
+    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] is not None:
+            raise ValueError(
+                f"kldiv: `{name}` of kl_topk_teacher applies to the student logits only (the "
+                f"teacher side is log-probabilities); got the teacher entry {value[0]!r}."
+            )
+    student_tr = _checks.logit_transforms(logit_scale, softcap, dtype)[1]
     keep = _checks.check_mask(where, lp.shape)
     values = _topk_kl_rows(
-        teacher_ids, lp.astype(dtype), temper_and_mask(s, dtype, temperature), keep, tail
+        teacher_ids,
+        lp.astype(dtype),
+        temper_and_mask(s, dtype, temperature, transform=student_tr),
+        keep,
+        tail,
     )
     return reduce(values, reduction, mask=mask)

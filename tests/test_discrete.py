@@ -580,3 +580,219 @@ def test_array_likes_and_empty_vocabulary():
     np.testing.assert_array_equal(kldiv.kl_from_logits(np.zeros((3, 0)), np.zeros((3, 0))), 0)
     with pytest.raises(TypeError, match="logits_p"):
         kldiv.kl_from_logits("ab", [1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-capped and scaled logits (softcap=, logit_scale=): logits ← c·tanh(s·x/c), then ÷T.
+
+SOFTCAP_IMPLS = ("xla", "chunked", "auto")  # impl="pallas": NotImplementedError (tested below)
+TRANSFORMS = [
+    (30.0, None),
+    (2.0, 0.5),
+    (None, 3.0),
+    ((5.0, None), None),
+    ((None, 4.0), (0.5, 2.0)),
+    ((10.0, 20.0), (None, 1.5)),
+]
+
+
+def _per_side(value):
+    return value if isinstance(value, tuple) else (value, value)
+
+
+def _materialise(x, softcap, logit_scale):
+    """c·tanh(s·x/c) (or s·x) in float64 numpy, −inf kept: the reference transform."""
+    x = np.asarray(x, np.float64)
+    s = 1.0 if logit_scale is None else logit_scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = s * x if softcap is None else softcap * np.tanh(s * x / softcap)
+    return np.where(x == -np.inf, -np.inf, y)
+
+
+def _materialise_pair(a, b, softcap, logit_scale):
+    caps, scales = _per_side(softcap), _per_side(logit_scale)
+    return (
+        _materialise(a, caps[0], scales[0]),
+        _materialise(b, caps[1], scales[1]),
+    )
+
+
+def _softcap_inputs(seed=0, shape=(6, 9), scale=20.0):
+    rng = _rng(seed)
+    a = rng.normal(size=shape) * scale
+    b = rng.normal(size=shape) * scale
+    a[0, 2] = b[0, 2] = -np.inf  # an impossible token in both
+    a[1, 3] = -np.inf  # p = 0 there, q > 0
+    where = rng.random(shape) > 0.2
+    where[:, 0] = True
+    a[~where] = np.nan  # masked junk touches nothing
+    return a, b, where
+
+
+@pytest.mark.parametrize("softcap,logit_scale", TRANSFORMS)
+@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
+@pytest.mark.parametrize("traced", [False, True])
+def test_softcap_matches_materialised_logits(softcap, logit_scale, impl_, traced):
+    """Values and both gradients equal capping the logits first (float64 reference), with a
+    mask, −inf logits, NaN in masked entries and Python or traced per-row temperatures."""
+    a, b, where = _softcap_inputs()
+    t = jnp.linspace(0.5, 3.0, a.shape[0]) if traced else 1.7
+
+    def f(x, y, temp):
+        v = kldiv.kl_from_logits(
+            x,
+            y,
+            where=where,
+            temperature=temp,
+            impl=impl_,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
+        return jnp.sum(v * jnp.arange(1.0, 1.0 + v.shape[0])), v
+
+    (_, v), g = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(a, b, t)
+    ref_a, ref_b = _materialise_pair(a, b, softcap, logit_scale)
+
+    def ref_f(x, y, temp):
+        v = kldiv.kl_from_logits(x, y, where=where, temperature=temp, impl="xla")
+        return jnp.sum(v * jnp.arange(1.0, 1.0 + v.shape[0])), v
+
+    (_, rv), rg = jax.value_and_grad(ref_f, argnums=(0, 1, 2), has_aux=True)(ref_a, ref_b, t)
+    np.testing.assert_allclose(v, rv, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g[2], rg[2], rtol=1e-8, atol=1e-12)  # d/dT
+    # d/dx = d/dy · (chain-rule factor of the transform), the factor by autodiff of the
+    # float64 reference transform.
+    caps, scales = _per_side(softcap), _per_side(logit_scale)
+    for x, gx, rgx, c, s in zip((a, b), g[:2], rg[:2], caps, scales, strict=True):
+        s_ = 1.0 if s is None else s
+        xs = np.where(np.isfinite(x), x, 0.0)
+        factor = s_ * np.ones_like(xs) if c is None else s_ * (1 - np.tanh(s_ * xs / c) ** 2)
+        expected = np.where(where, np.asarray(rgx) * factor, 0.0)
+        assert np.all(np.isfinite(gx))
+        np.testing.assert_allclose(gx, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
+def test_softcap_keeps_neg_inf_logits_impossible(impl_):
+    """−inf logits stay −inf: the entry keeps probability 0 (c·tanh(−inf) = −c would not)."""
+    a = np.array([[3.0, -np.inf, 1.0, 0.5]])
+    b = np.array([[1.0, -np.inf, 2.0, -0.5]])
+    keep = np.array([[True, False, True, True]])
+    v = kldiv.kl_from_logits(a, b, softcap=2.0, impl=impl_)
+    dropped = kldiv.kl_from_logits(a, b, softcap=2.0, impl=impl_, where=keep)
+    np.testing.assert_allclose(v, dropped, rtol=1e-14)
+    # Only the student −inf: p > 0 where q = 0 stays +inf.
+    b2 = np.array([[1.0, 0.3, -np.inf, -0.5]])
+    assert np.isposinf(kldiv.kl_from_logits(a, b2, softcap=2.0, impl=impl_))[0]
+
+
+@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
+@pytest.mark.parametrize(
+    "softcap,logit_scale", [(30.0, None), (30.0, 2.0), (None, 2.0), (None, 1e30), (1e-3, 1e4)]
+)
+def test_softcap_logits_near_float32_max_stay_finite(impl_, softcap, logit_scale):
+    """Logits up to ±3e38 in float32: finite values and gradients, no NaN, also where s·x
+    overflows (tanh saturates; without a cap s·x saturates to the largest float32)."""
+    with enable_x64(False):
+        a = jnp.array([[3e38, -3e38, 1.0, 0.0], [1e38, 2e38, -3e38, 5.0]], jnp.float32)
+        b = jnp.array([[-3e38, 3e38, 0.0, 1.0], [2e38, 1e38, 3e38, -5.0]], jnp.float32)
+
+        def f(x, y):
+            v = kldiv.kl_from_logits(
+                x, y, softcap=softcap, logit_scale=logit_scale, impl=impl_, temperature=0.7
+            )
+            return jnp.sum(v), v
+
+        (_, v), (ga, gb) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(a, b)
+        jv = jax.jit(lambda x, y: f(x, y)[1])(a, b)
+    assert not np.any(np.isnan(np.asarray(v))) and np.all(np.asarray(v) >= 0)
+    assert np.all(np.isfinite(np.asarray(ga))) and np.all(np.isfinite(np.asarray(gb)))
+    np.testing.assert_allclose(jv, v, rtol=1e-6)
+    if softcap is not None and softcap >= 1:  # capped logits: an ordinary, finite KL
+        assert np.all(np.isfinite(np.asarray(v)))
+
+
+@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
+def test_softcap_nan_propagates_and_masked_nan_touches_nothing(impl_):
+    a = np.array([[1.0, np.nan, 0.5], [1.0, 2.0, np.nan]])
+    b = np.array([[0.0, 1.0, 0.5], [0.5, 2.5, 1.0]])
+    v = np.asarray(kldiv.kl_from_logits(a, b, softcap=5.0, impl=impl_))
+    assert np.all(np.isnan(v))
+    keep = ~np.isnan(a)
+    g = jax.grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, where=keep, softcap=5.0, impl=impl_)),
+        argnums=(0, 1),
+    )(a, b)
+    assert all(np.all(np.isfinite(gi)) and np.all(np.asarray(gi)[~keep] == 0) for gi in g)
+
+
+@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
+def test_softcap_bf16_and_float32_near_equal(impl_):
+    """16-bit inputs are transformed in float32; float32 stays accurate when p ≈ q."""
+    rng = _rng(3)
+    a = (rng.normal(size=(8, 64)) * 5).astype(np.float32).astype(np.float64)
+    b = (a + 1e-3 * rng.normal(size=a.shape)).astype(np.float32).astype(np.float64)
+    ref = np.asarray(kldiv.kl_from_logits(*_materialise_pair(a, b, 30.0, 0.5)))
+    assert np.all(ref > 0)
+    with enable_x64(False):
+        v32 = kldiv.kl_from_logits(
+            jnp.asarray(a, jnp.float32),
+            jnp.asarray(b, jnp.float32),
+            softcap=30.0,
+            logit_scale=0.5,
+            impl=impl_,
+        )
+        a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+        v16 = kldiv.kl_from_logits(a16, b16, softcap=30.0, logit_scale=0.5, impl=impl_)
+        g16 = jax.grad(lambda y: jnp.sum(kldiv.kl_from_logits(a16, y, softcap=30.0, impl=impl_)))(
+            b16
+        )
+    assert v32.dtype == jnp.float32 and v16.dtype == jnp.float32 and g16.dtype == jnp.bfloat16
+    # float32: relative accuracy although p ≈ q (KL ~1e-7 here, far below float32's eps times
+    # the entropy, where the textbook Σ p(log p − log q) is pure rounding noise); what is left
+    # is the float32 rounding of the transformed logits themselves.
+    np.testing.assert_allclose(v32, ref, rtol=2e-2)
+    ref16 = kldiv.kl_from_logits(
+        *_materialise_pair(np.asarray(a16, np.float64), np.asarray(b16, np.float64), 30.0, 0.5)
+    )
+    np.testing.assert_allclose(v16, ref16, rtol=1e-3, atol=1e-7)
+
+
+def test_softcap_chunked_equals_xla_under_jit_and_pallas_is_not_yet_supported(monkeypatch):
+    a, b, where = _softcap_inputs(seed=4, shape=(7, 33))
+    kw = dict(where=where, softcap=(20.0, 10.0), logit_scale=0.8, temperature=2.0)
+    ref = kldiv.kl_from_logits(a, b, impl="xla", **kw)
+    got = jax.jit(lambda x, y: kldiv.kl_from_logits(x, y, impl="chunked", **kw))(a, b)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    with pytest.raises(NotImplementedError, match="kldiv: impl='pallas'.*softcap"):
+        kldiv.kl_from_logits(a, b, impl="pallas", softcap=20.0)
+    # "auto" never picks the Pallas kernel with a transform, even where it would otherwise.
+    monkeypatch.setitem(kldiv.discrete.AUTO_VERIFIED, jax.default_backend(), ("pallas",))
+    assert kldiv.discrete.choose_logits_impl(a.shape) == "pallas"
+    np.testing.assert_allclose(kldiv.kl_from_logits(a, b, impl="auto", **kw), ref, rtol=1e-12)
+
+
+def test_softcap_of_one_and_none_are_identity():
+    a, b, where = _softcap_inputs(seed=5)
+    ref = kldiv.kl_from_logits(a, b, where=where)
+    same = kldiv.kl_from_logits(a, b, where=where, logit_scale=1.0, softcap=(None, None))
+    np.testing.assert_array_equal(same, ref)
+
+
+@pytest.mark.parametrize(
+    "kw,err,msg",
+    [
+        (dict(softcap=0.0), ValueError, "`softcap` must be finite and"),
+        (dict(softcap=-1.0), ValueError, "`softcap` must be finite"),
+        (dict(softcap=float("nan")), ValueError, "`softcap` must be finite"),
+        (dict(logit_scale=float("inf")), ValueError, "`logit_scale` must be finite"),
+        (dict(logit_scale=1e39), ValueError, "`logit_scale` must be finite and in"),
+        (dict(softcap=True), TypeError, "`softcap` must be None, a Python number"),
+        (dict(softcap=jnp.array(30.0)), TypeError, "`softcap` must be None"),
+        (dict(logit_scale=(1.0, 2.0, 3.0)), ValueError, "`logit_scale` as a pair"),
+        (dict(softcap=(30.0, "a")), TypeError, "`softcap`"),
+    ],
+)
+def test_softcap_validation_errors(kw, err, msg):
+    with enable_x64(False), pytest.raises(err, match=msg):
+        kldiv.kl_from_logits(jnp.zeros((2, 3)), jnp.zeros((2, 3)), **kw)

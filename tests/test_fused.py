@@ -346,20 +346,25 @@ def test_chunked_temporary_memory_is_small_and_flat_in_n():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "where-T2"])
-def test_chunked_makes_no_full_size_compute_dtype_copies(dtype, masked, monkeypatch):
-    """bf16 inputs, a mask or a temperature add no [N, V] float32 temporaries (forward and
-    backward): the cast, division and mask happen per chunk."""
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("argnums", [(0, 1), (1,)], ids=["both", "student"])
+def test_chunked_makes_no_full_size_compute_dtype_copies(
+    dtype, masked, softcap, argnums, monkeypatch
+):
+    """bf16 inputs, a mask, a temperature or a soft-cap add no [N, V] float32 temporaries
+    (forward and backward): the cast, transform, division and mask happen per chunk."""
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 1024)
     n, v = 2048, 8192
     x = jax.ShapeDtypeStruct((n, v), dtype)
     mask = jax.ShapeDtypeStruct((n, v), jnp.bool_)
     t = 2.0 if masked else 1.0
+    kw = {} if softcap is None else dict(softcap=softcap, logit_scale=0.5)
 
     def loss(a, b, m=None):
-        return jnp.sum(kldiv.kl_from_logits(a, b, where=m, temperature=t, impl="chunked"))
+        return jnp.sum(kldiv.kl_from_logits(a, b, where=m, temperature=t, impl="chunked", **kw))
 
     args = (x, x, mask) if masked else (x, x)
-    grad = jax.jit(jax.grad(loss, (0, 1)))
+    grad = jax.jit(jax.grad(loss, argnums))
     temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert temp < 0.25 * n * v * 4, temp
 

@@ -404,6 +404,14 @@ def small_filter_tiles(monkeypatch):
     monkeypatch.setattr(fused_linear, "GRAD_FILTER_TILE", 4)
 
 
+# Soft-capped and scaled heads: per chunk, the same as materialising c·tanh(s·z/c) first.
+
+
+def _cap(z, softcap, logit_scale):
+    s = 1.0 if logit_scale is None else logit_scale
+    return s * z if softcap is None else softcap * jnp.tanh(s * z / softcap)
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_grad_filter_zero_is_the_exact_gradient(small_filter_tiles, direction, reduction):
@@ -610,3 +618,76 @@ def test_penalty_float32_accurate_near_the_reference_policy():
         assert got.dtype == jnp.float32
     assert np.all(np.asarray(want) > 0)
     np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "softcap,logit_scale,temperature",
+    [(2.0, None, 1.0), (3.0, 0.5, 2.0), ((None, 2.5), (1.5, None), "traced")],
+)
+def test_softcap_matches_materialised_logits(
+    direction, reduction, softcap, logit_scale, temperature
+):
+    hs, ws, ht, wt = _inputs(seed=7)
+    hs, ws, ht, wt = (3 * x for x in (hs, ws, ht, wt))  # logits well past the caps
+    labels = _rng(8).integers(0, V, N)
+    labels[3] = -100
+    caps = softcap if isinstance(softcap, tuple) else (softcap, softcap)
+    scales = logit_scale if isinstance(logit_scale, tuple) else (logit_scale, logit_scale)
+    t = jnp.asarray(1.7) if temperature == "traced" else temperature
+    kw = dict(reduction=reduction, direction=direction, labels=labels, hard_weight=0.3)
+
+    def fused(hs, ws, t):
+        v = fused_linear_kl(
+            ht,
+            wt,
+            hs,
+            ws,
+            temperature=t,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            chunk_size=4,
+            **kw,
+        )
+        return jnp.sum(v * (1.0 + jnp.arange(v.size).reshape(v.shape))), v
+
+    def materialised(hs, ws, t):
+        zt, zs = _cap(ht @ wt, caps[0], scales[0]), _cap(hs @ ws, caps[1], scales[1])
+        if direction == "forward":
+            d = kldiv.kl_from_logits(zt, zs, temperature=t)
+        elif direction == "reverse":
+            d = kldiv.kl_from_logits(zs, zt, temperature=t)
+        else:
+            d = kldiv.js_from_logits(zt, zs, temperature=t)
+        ce = -jnp.take_along_axis(_log_softmax(zs), jnp.maximum(labels, 0)[:, None], -1)[:, 0]
+        keep = labels != -100
+        v = jnp.where(keep, d + 0.3 * ce, 0.0)
+        v = jnp.sum(v) / jnp.sum(keep) if reduction == "mean" else v
+        return jnp.sum(v * (1.0 + jnp.arange(v.size).reshape(v.shape))), v
+
+    (_, v), g = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(hs, ws, t)
+    (_, rv), rg = jax.value_and_grad(materialised, (0, 1, 2), has_aux=True)(hs, ws, t)
+    np.testing.assert_allclose(v, rv, rtol=1e-10, atol=1e-12)
+    for gi, ri in zip(g, rg, strict=True):
+        np.testing.assert_allclose(gi, ri, rtol=1e-8, atol=1e-11)
+
+
+def test_softcap_huge_logits_float32_finite():
+    """Logits near ±3e38 from the matmul, capped and/or scaled: never NaN, finite gradients, and
+    finite values with a cap (without one the divergence itself may exceed float32)."""
+    from _jax_compat import enable_x64
+
+    hs, ws, ht, wt = _inputs(seed=9)
+    with enable_x64(False):
+        args = [jnp.asarray(x, jnp.float32) for x in (ht, 1e37 * wt, hs, 1e37 * ws)]
+
+        def f(hs_, ws_, **kw):
+            return fused_linear_kl(args[0], args[1], hs_, ws_, reduction="mean", **kw)
+
+        for kw in (dict(softcap=30.0), dict(softcap=30.0, logit_scale=4.0), dict(logit_scale=8.0)):
+            v, g = jax.value_and_grad(lambda a, b, kw=kw: f(a, b, **kw), (0, 1))(*args[2:])
+            assert not np.isnan(float(v)) and float(v) >= 0, kw
+            if "softcap" in kw:  # capped logits: an ordinary, finite divergence
+                assert np.isfinite(float(v)), kw
+            assert all(np.all(np.isfinite(np.asarray(gi))) for gi in g), kw

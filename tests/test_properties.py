@@ -1,8 +1,10 @@
 """One property suite over every implementation of ``kl_from_logits`` and every edge class.
 
 Hypothesis draws logits (ordinary ranges and up to ±3e38), ``where`` masks, rows of −inf, NaN in
-masked entries, 16-bit inputs and temperatures (Python numbers, tiny to huge, and traced arrays,
-one per row), and asserts for every ``impl`` (xla, chunked, pallas in interpret mode, auto):
+masked entries, 16-bit inputs, temperatures (Python numbers, tiny to huge, and traced arrays,
+one per row) and logit transforms (``softcap``/``logit_scale``, numbers or (teacher, student)
+pairs; xla, chunked and auto only: the Pallas kernel raises NotImplementedError for them), and
+asserts for every ``impl`` (xla, chunked, pallas in interpret mode, auto):
 
 * valid input never gives NaN, the value is ≥ 0, and the gradient is finite wherever the value
   is (and 0 at masked entries);
@@ -75,21 +77,21 @@ def cases(draw, big=False):
     return a, b, where, t, dtype
 
 
-def _value_and_grads(impl, a, b, where, t, traced):
+def _value_and_grads(impl, a, b, where, t, traced, **kw):
     def f(x, y, temp):
-        return jnp.sum(kldiv.kl_from_logits(x, y, where=where, temperature=temp, impl=impl))
+        return jnp.sum(kldiv.kl_from_logits(x, y, where=where, temperature=temp, impl=impl, **kw))
 
     temp = jnp.full(a.shape[:-1], t, jnp.float32) if traced else t
-    vals = kldiv.kl_from_logits(a, b, where=where, temperature=temp, impl=impl)
+    vals = kldiv.kl_from_logits(a, b, where=where, temperature=temp, impl=impl, **kw)
     grads = jax.grad(f, argnums=(0, 1))(a, b, temp)
     return np.asarray(vals, np.float64), [np.asarray(g, np.float64) for g in grads]
 
 
-def _run(case, traced):
+def _run(case, traced, impls=IMPLS, **kw):
     a, b, where, t, dtype = case
     with enable_x64(False):
         a_, b_ = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        results = {impl: _value_and_grads(impl, a_, b_, where, t, traced) for impl in IMPLS}
+        results = {impl: _value_and_grads(impl, a_, b_, where, t, traced, **kw) for impl in impls}
     return results
 
 
@@ -134,6 +136,34 @@ def test_logits_up_to_float32_max_stay_finite(case):
     a, b, where, t, _ = case
     case = (np.clip(a, -BIG, BIG), np.clip(b, -BIG, BIG), where, t, np.float32)
     _check(_run(case, traced=False), where, t)
+
+
+# Soft-capped and scaled logits (softcap=, logit_scale=): the same semantics on every impl that
+# supports them. The Pallas kernel does not yet (NotImplementedError, asserted below).
+TRANSFORM_IMPLS = ("xla", "chunked", "auto")
+transforms = st.tuples(
+    st.sampled_from([None, 30.0, 0.5, 1e4, (30.0, None), (None, 5.0)]),
+    st.sampled_from([None, 0.1, 2.0, 1e3, (2.0, 0.5)]),
+)
+
+
+@given(cases(), transforms, st.booleans())
+def test_softcap_every_impl_same_semantics(case, transform, traced):
+    softcap, logit_scale = transform
+    kw = dict(softcap=softcap, logit_scale=logit_scale)
+    _check(_run(case, traced, TRANSFORM_IMPLS, **kw), case[2], case[3])
+    if softcap is not None or logit_scale is not None:
+        with pytest.raises(NotImplementedError, match="impl='pallas'"):
+            kldiv.kl_from_logits(case[0], case[1], impl="pallas", **kw)
+
+
+@given(cases(big=True), transforms)
+def test_softcap_logits_up_to_float32_max_stay_finite(case, transform):
+    a, b, where, t, _ = case
+    case = (np.clip(a, -BIG, BIG), np.clip(b, -BIG, BIG), where, t, np.float32)
+    softcap, logit_scale = transform
+    results = _run(case, False, TRANSFORM_IMPLS, softcap=softcap, logit_scale=logit_scale)
+    _check(results, where, t)
 
 
 @given(

@@ -199,3 +199,39 @@ def test_out_of_range_ids_never_alias_and_the_tail_is_exact_at_mass_one():
     q_k = jnp.take_along_axis(q, ids, -1)
     want = jnp.sum(jnp.exp(lp) * (lp - jnp.log(q_k)), -1)
     np.testing.assert_allclose(full, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("softcap,logit_scale", [(3.0, None), (None, 2.0), ((None, 4.0), 0.5)])
+def test_student_softcap_matches_materialised(tail, softcap, logit_scale):
+    """softcap/logit_scale transform the student logits (before T), as if capped first."""
+    ids, lp, s, _ = _case(seed=5, scale=6.0)
+    s[0, ids[0, -1]] = -np.inf  # an impossible student token stays impossible
+    cap = softcap[1] if isinstance(softcap, tuple) else softcap
+    scale = 1.0 if logit_scale is None else logit_scale
+    with np.errstate(invalid="ignore"):
+        capped = scale * s if cap is None else cap * np.tanh(scale * s / cap)
+    capped = np.where(s == -np.inf, -np.inf, capped)
+    kw = dict(reduction="none", tail=tail, temperature=1.5)
+
+    def ours(x):
+        v = kl_topk_teacher(ids, lp, x, softcap=softcap, logit_scale=logit_scale, **kw)
+        return jnp.sum(v), v
+
+    (_, v), g = jax.value_and_grad(ours, has_aux=True)(s)
+    want = kl_topk_teacher(ids, lp, capped, **kw)
+    np.testing.assert_allclose(v, want, rtol=1e-10)
+    # chain rule: the gradient of the materialised call times s·(1 − tanh²(s·x/c))
+    g_ref = jax.grad(lambda y: jnp.sum(kl_topk_teacher(ids, lp, y, **kw)))(capped)
+    x0 = np.where(np.isfinite(s), s, 0.0)
+    factor = scale if cap is None else scale * (1 - np.tanh(scale * x0 / cap) ** 2)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, np.asarray(g_ref) * factor, rtol=1e-8, atol=1e-13)
+
+
+def test_student_softcap_teacher_entry_is_an_error():
+    ids, lp, s, _ = _case()
+    with pytest.raises(ValueError, match="kldiv: `softcap` of kl_topk_teacher applies to the"):
+        kl_topk_teacher(ids, lp, s, reduction="none", tail="bucket", softcap=(30.0, 30.0))
+    with pytest.raises(ValueError, match="kldiv: `logit_scale` must be finite"):
+        kl_topk_teacher(ids, lp, s, reduction="none", tail="bucket", logit_scale=0.0)

@@ -42,6 +42,13 @@ Cases (``--fused-cases``, comma-separated; default: all):
     the exact per-token KL of the fused head (``fused_linear_kl_penalty``, reduction
     ``"none"``, then the mean; gradients w.r.t. the policy's hidden states and weight) against
     k3 from the materialised logits of both heads, [2048 × 512] @ [512 × 32768].
+``softcap``
+    The cost of a logit soft-cap (``softcap=30``, Gemma-style c·tanh(x/c)) on the chunked path,
+    [1024, 32768] float32 (``--quick``: [512, 8192]) forward+backward:
+    ``kl_from_logits(impl="chunked", softcap=30)``
+    (applied per chunk, chain-rule factor in the backward pass) against the same call without
+    a cap (the peer) and against materialising the capped logits first (30·tanh(x/30) of both,
+    then the chunked call without a cap; autodiff through the tanh), in the same run.
 ``gpu``
     Pallas kernel vs optax/xla on GPU, bfloat16 [8192, 131072]. Without a GPU backend these rows
     say "not measured (no GPU)" instead of numbers.
@@ -78,6 +85,7 @@ CASES = (
     "scaling",
     "crossover",
     "penalty",
+    "softcap",
     "gpu",
 )
 NOT_MEASURED = "not measured (no GPU)"
@@ -625,6 +633,32 @@ def _penalty_hidden(args, progress, quick, kl_k3):
     ]
 
 
+def _softcap(args, progress, quick):
+    # Quick: still several row chunks (chunked.CHUNK_BYTES), so that the per-chunk transform is
+    # what is measured.
+    n, v = (512, 8192) if quick else (1024, 32768)
+    t, s = _logits_inputs(n, v, seed=5)
+    cap = 30.0
+
+    def capped(x):
+        return cap * jnp.tanh(x / cap)
+
+    def per_chunk(a, b):
+        return jnp.sum(kldiv.kl_from_logits(a, b, impl="chunked", softcap=cap))
+
+    def materialised(a, b):
+        return jnp.sum(kldiv.kl_from_logits(capped(a), capped(b), impl="chunked"))
+
+    peer = "chunked, no softcap"
+    cands = {
+        peer: _kldiv_loss("chunked"),
+        "chunked, softcap=30 (per chunk)": per_chunk,
+        "chunked on materialised 30·tanh(x/30)": materialised,
+    }
+    res = _measure(cands, args, (t, s), args.fused_rounds, peer, progress, "softcap")
+    return [_row("softcap", k, n, v, "float32", m, "ratio_vs_no_softcap") for k, m in res.items()]
+
+
 def _gpu(args, progress, quick):
     n, v = (512, 8192) if quick else (8192, 131072)
     impls = ("optax", "kldiv-xla", "kldiv-pallas")
@@ -662,6 +696,7 @@ _RUNNERS = {
     "scaling": _scaling,
     "crossover": _crossover,
     "penalty": _penalty,
+    "softcap": _softcap,
     "gpu": _gpu,
 }
 

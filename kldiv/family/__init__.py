@@ -21,6 +21,11 @@ Conventions shared by every function here (and by :mod:`kldiv.discrete`):
   touches neither the value nor the gradient. A row with no entries left gives 0.
 * ``temperature`` (logits only) divides both logit arrays before the softmax, as in
   :func:`kldiv.kl_from_logits`; no T² factor is applied.
+* ``logit_scale=s`` and ``softcap=c`` (logits only, default None: off) transform the logits of
+  scaled and soft-capped (Gemma-style) heads before the temperature, in this order: logits ←
+  c·tanh(s·x/c), then ÷T, exactly as in :func:`kldiv.kl_from_logits` (−inf stays −inf). Each is
+  a Python number for both arrays or a ``(p, q)`` = (teacher, student) pair of numbers or None
+  (``entropy_from_logits`` takes one number).
 * Edges: an entry with p = q = 0 contributes 0; valid input never gives NaN; +inf comes out
   exactly where the divergence is infinite (e.g. KL-type terms with p > 0 = q).
 * Gradients come from closed forms (``jax.custom_jvp``) and are finite wherever the value is

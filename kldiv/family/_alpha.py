@@ -91,11 +91,11 @@ def _alpha_rule(pair: Pair, alpha: float) -> Rule:
 _ALPHA = make_cores(_alpha_rule)
 
 
-def _alpha_div(space, x, y, alpha, axis, where, temperature):
+def _alpha_div(space, x, y, alpha, axis, where, temperature, logit_scale=None, softcap=None):
     alpha = static_real("alpha", alpha, 0.0, math.inf)
     if alpha == math.inf:
         raise ValueError("kldiv: the α-divergence needs a finite `alpha`; got inf.")
-    x, y = prepare(space, x, y, axis, where, temperature)
+    x, y = prepare(space, x, y, axis, where, temperature, logit_scale=logit_scale, softcap=softcap)
     if alpha == 1.0:
         return KL_CORES[space](x, y)
     if alpha == 0.0:
@@ -179,6 +179,8 @@ def alpha_divergence_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Amari α-divergence of two softmax distributions. See :func:`alpha_divergence`.
 
@@ -193,7 +195,9 @@ def alpha_divergence_from_logits(
       >>> print(f"{soft:.4f}")
       0.0247
     """
-    return _alpha_div("logits", logits_p, logits_q, alpha, axis, where, temperature)
+    return _alpha_div(
+        "logits", logits_p, logits_q, alpha, axis, where, temperature, logit_scale, softcap
+    )
 
 
 @functools.lru_cache(maxsize=64)  # the same generator object: compiled kernels are reused

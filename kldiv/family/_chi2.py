@@ -80,6 +80,8 @@ def pearson_chi2_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Pearson χ² of softmax(logits_p/T) against softmax(logits_q/T). See :func:`pearson_chi2`.
 
@@ -93,4 +95,14 @@ def pearson_chi2_from_logits(
       >>> print(f"{kldiv.pearson_chi2_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.0482
     """
-    return simple(_CHI2, "logits", logits_p, logits_q, axis, where, temperature)
+    return simple(
+        _CHI2,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )

@@ -170,13 +170,16 @@ KL_CORES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 forward-mode differentiation works for every function built on them)."""
 
 
-def prepare(space: str, x, y, axis, where, temperature=1.0, names=None):
-    """Checked, aligned (event axis last), masked (and tempered) inputs of one input space."""
+def prepare(
+    space: str, x, y, axis, where, temperature=1.0, names=None, logit_scale=None, softcap=None
+):
+    """Checked, aligned (event axis last), masked (and, for logits, scaled, soft-capped and
+    tempered: :func:`kldiv._logits.prepare_logits`) inputs of one input space."""
     names = names or NAMES[space]
     if space == "logits":
         for name, v in zip(names, (x, y), strict=True):
             _checks.check_floating(name, v)
-        return prepare_logits(x, y, axis, where, temperature)
+        return prepare_logits(x, y, axis, where, temperature, logit_scale, softcap)
     x, y, where = prepare_pair(names[0], x, names[1], y, axis, where)
     if where is not None:
         fill = 0 if space == "probs" else NEG_INF
@@ -197,8 +200,10 @@ def static_real(name: str, value, lo: float, hi: float) -> float:
     return value
 
 
-def simple(cores: Cores, space, x, y, axis, where, temperature, params=()):
-    x, y = prepare(space, x, y, axis, where, temperature)
+def simple(
+    cores: Cores, space, x, y, axis, where, temperature, params=(), logit_scale=None, softcap=None
+):
+    x, y = prepare(space, x, y, axis, where, temperature, None, logit_scale, softcap)
     return getattr(cores, space)(x, y, params)
 
 

@@ -90,6 +90,8 @@ def cross_entropy_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Cross-entropy H(softmax(logits_p/T), softmax(logits_q/T)). See :func:`cross_entropy`.
 
@@ -106,11 +108,21 @@ def cross_entropy_from_logits(
       >>> print(f"{kldiv.cross_entropy_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       1.0507
     """
-    return simple(_CE, "logits", logits_p, logits_q, axis, where, temperature)
+    return simple(
+        _CE,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
 
 
-def _entropy(space, x, axis, where, temperature, name):
-    x, y = prepare(space, x, x, axis, where, temperature, names=(name, name))
+def _entropy(space, x, axis, where, temperature, name, logit_scale=None, softcap=None):
+    x, y = prepare(space, x, x, axis, where, temperature, (name, name), logit_scale, softcap)
     return getattr(_CE, space)(x, y, ())
 
 
@@ -155,6 +167,8 @@ def entropy_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Shannon entropy of softmax(logits/T). Gradient: −p·(log p + H)/T. See :func:`entropy`.
 
@@ -167,4 +181,7 @@ def entropy_from_logits(
       >>> print(f"{kldiv.entropy_from_logits(logits, temperature=2.0):.4f}")  # flatter: higher
       1.0262
     """
-    return _entropy("logits", logits, axis, where, temperature, "logits")
+    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if isinstance(value, (tuple, list)):
+            raise TypeError(f"kldiv: `{name}` of entropy_from_logits is one Python number or None.")
+    return _entropy("logits", logits, axis, where, temperature, "logits", logit_scale, softcap)

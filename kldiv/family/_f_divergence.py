@@ -91,7 +91,7 @@ def _f_rule(pair: Pair, f: Callable, slope: float) -> Rule:
 _F = make_cores(_f_rule)
 
 
-def _f_div(space, x, y, f, f_inf_slope, axis, where, temperature):
+def _f_div(space, x, y, f, f_inf_slope, axis, where, temperature, logit_scale=None, softcap=None):
     if isinstance(f, FGenerator):
         fn, slope = f.f, f.slope_at_inf
     elif callable(f):
@@ -101,7 +101,7 @@ def _f_div(space, x, y, f, f_inf_slope, axis, where, temperature):
     if f_inf_slope is not None:
         slope = f_inf_slope
     slope = static_real("f_inf_slope", slope, -math.inf, math.inf)
-    return simple(_F, space, x, y, axis, where, temperature, (fn, slope))
+    return simple(_F, space, x, y, axis, where, temperature, (fn, slope), logit_scale, softcap)
 
 
 def f_divergence(
@@ -190,6 +190,8 @@ def f_divergence_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """f-divergence of softmax(logits_p/T) from softmax(logits_q/T). See :func:`f_divergence`.
 
@@ -204,4 +206,6 @@ def f_divergence_from_logits(
       >>> print(f"{kldiv.squared_hellinger_from_logits(logits_p, logits_q):.4f}")
       0.0259
     """
-    return _f_div("logits", logits_p, logits_q, f, f_inf_slope, axis, where, temperature)
+    return _f_div(
+        "logits", logits_p, logits_q, f, f_inf_slope, axis, where, temperature, logit_scale, softcap
+    )

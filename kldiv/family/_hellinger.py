@@ -76,6 +76,8 @@ def squared_hellinger_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Squared Hellinger distance of two softmax distributions. See :func:`squared_hellinger`.
 
@@ -89,4 +91,14 @@ def squared_hellinger_from_logits(
       >>> print(f"{kldiv.squared_hellinger_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.0062
     """
-    return simple(_HELLINGER, "logits", logits_p, logits_q, axis, where, temperature)
+    return simple(
+        _HELLINGER,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )

@@ -56,9 +56,9 @@ def _js_rule(pair: Pair, beta: float) -> Rule:
 _JS = make_cores(_js_rule)
 
 
-def _js(space, x, y, beta, axis, where, temperature):
+def _js(space, x, y, beta, axis, where, temperature, logit_scale=None, softcap=None):
     beta = static_real("beta", beta, 0.0, 1.0)
-    x, y = prepare(space, x, y, axis, where, temperature)
+    x, y = prepare(space, x, y, axis, where, temperature, logit_scale=logit_scale, softcap=softcap)
     if beta in (0.0, 1.0):
         return jnp.zeros(x.shape[:-1], x.dtype)
     return getattr(_JS, space)(x, y, (beta,))
@@ -179,6 +179,8 @@ def js_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """JSD_β(softmax(logits_p/T) ‖ softmax(logits_q/T)). See :func:`js`.
 
@@ -197,7 +199,7 @@ def js_from_logits(
       >>> print(f"{kldiv.js_from_logits(logits_p, logits_q, beta=0.1, temperature=2.0):.4f}")
       0.0022
     """
-    return _js("logits", logits_p, logits_q, beta, axis, where, temperature)
+    return _js("logits", logits_p, logits_q, beta, axis, where, temperature, logit_scale, softcap)
 
 
 @functools.lru_cache(maxsize=64)  # the same generator object: compiled kernels are reused

@@ -20,13 +20,13 @@ __all__ = [
 ]
 
 
-def _reverse_kl(space, x, y, axis, where, temperature):
-    x, y = prepare(space, x, y, axis, where, temperature)
+def _reverse_kl(space, x, y, axis, where, temperature, logit_scale=None, softcap=None):
+    x, y = prepare(space, x, y, axis, where, temperature, logit_scale=logit_scale, softcap=softcap)
     return KL_CORES[space](y, x)
 
 
-def _jeffreys(space, x, y, axis, where, temperature):
-    x, y = prepare(space, x, y, axis, where, temperature)
+def _jeffreys(space, x, y, axis, where, temperature, logit_scale=None, softcap=None):
+    x, y = prepare(space, x, y, axis, where, temperature, logit_scale=logit_scale, softcap=softcap)
     return KL_CORES[space](x, y) + KL_CORES[space](y, x)
 
 
@@ -87,6 +87,8 @@ def reverse_kl_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """KL(softmax(logits_q/T) ‖ softmax(logits_p/T)), ``kl_from_logits(logits_q, logits_p)``.
 
@@ -102,7 +104,7 @@ def reverse_kl_from_logits(
       >>> print(f"{kldiv.reverse_kl_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.0250
     """
-    return _reverse_kl("logits", logits_p, logits_q, axis, where, temperature)
+    return _reverse_kl("logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap)
 
 
 def jeffreys(
@@ -153,6 +155,8 @@ def jeffreys_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Jeffreys divergence of softmax(logits_p/T) and softmax(logits_q/T). See :func:`jeffreys`.
 
@@ -166,4 +170,4 @@ def jeffreys_from_logits(
       >>> print(f"{kldiv.jeffreys_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.0495
     """
-    return _jeffreys("logits", logits_p, logits_q, axis, where, temperature)
+    return _jeffreys("logits", logits_p, logits_q, axis, where, temperature, logit_scale, softcap)

@@ -99,9 +99,9 @@ _RENYI_INF = make_cores(_renyi_inf_rule)
 _RENYI_ZERO = make_cores(_renyi_zero_rule)
 
 
-def _renyi(space, x, y, alpha, axis, where, temperature):
+def _renyi(space, x, y, alpha, axis, where, temperature, logit_scale=None, softcap=None):
     alpha = static_real("alpha", alpha, 0.0, math.inf)
-    x, y = prepare(space, x, y, axis, where, temperature)
+    x, y = prepare(space, x, y, axis, where, temperature, logit_scale=logit_scale, softcap=softcap)
     if alpha == 1.0:
         return KL_CORES[space](x, y)
     if alpha == math.inf:
@@ -202,6 +202,8 @@ def renyi_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Rényi divergence D_α(softmax(logits_p/T) ‖ softmax(logits_q/T)). See :func:`renyi`.
 
@@ -217,4 +219,6 @@ def renyi_from_logits(
       >>> print(f"{kldiv.renyi_from_logits(logits_p, logits_q, alpha=2.0, temperature=2.0):.4f}")
       0.0471
     """
-    return _renyi("logits", logits_p, logits_q, alpha, axis, where, temperature)
+    return _renyi(
+        "logits", logits_p, logits_q, alpha, axis, where, temperature, logit_scale, softcap
+    )

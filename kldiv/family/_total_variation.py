@@ -71,6 +71,8 @@ def total_variation_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
+    softcap: float | tuple[float | None, float | None] | None = None,
+    logit_scale: float | tuple[float | None, float | None] | None = None,
 ) -> jax.Array:
     """Total variation of softmax(logits_p/T) and softmax(logits_q/T). See total_variation.
 
@@ -84,4 +86,14 @@ def total_variation_from_logits(
       >>> print(f"{kldiv.total_variation_from_logits(logits_p, logits_q, temperature=2.0):.4f}")
       0.1002
     """
-    return simple(_TV, "logits", logits_p, logits_q, axis, where, temperature)
+    return simple(
+        _TV,
+        "logits",
+        logits_p,
+        logits_q,
+        axis,
+        where,
+        temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )

@@ -15,9 +15,11 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   two gradients directly (no ``[N, V]`` temporaries besides the outputs).
 
 The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
-applies ``kldiv._logits.temper_and_mask`` (cast to the compute dtype, divide by a static T,
-−inf where masked) to the rows it reads, inside the chunk or fused into the elementwise loop, and
-the backward pass casts the gradients to the inputs' dtypes at its end (exactly 0 where masked).
+applies ``kldiv._logits.temper_and_mask`` (cast to the compute dtype, −inf where masked, a static
+logit scale and soft-cap, divide by a static T) to the rows it reads, inside the chunk or fused
+into the elementwise loop, and the backward pass multiplies by the transform's derivative
+(``transform_logits_grad``) and casts the gradients to the inputs' dtypes at its end (exactly 0
+where masked).
 
 Temporary memory is O(C·V + N), independent of N·V. The numerics are exactly those of
 ``kldiv.discrete`` (``temper_and_mask``, ``_numerics.safe_max``/``sum_exp`` — together
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 
 from kldiv._checks import compute_dtype
 from kldiv._logits import (
+    NO_TRANSFORMS,
+    Transforms,
     kl_logits_aligned,
     masked_logits_cotangent,
     masked_row_max,
@@ -111,31 +115,31 @@ def _pass_through(x, dtype):
     return x if x.dtype == dtype else jax.lax.optimization_barrier(x)
 
 
-def _prepared_rows(x, where, start, c, dtype, t, center=None):
+def _prepared_rows(x, where, start, c, dtype, t, center=None, transform=None):
     """Rows [start, start + c) of a stored input as ``temper_and_mask`` defines them, and the
     raw row maxima they were centred on (computed here, in cache, unless given)."""
     w = None if where is None else rows(where, start, c)
     xc = rows(x, start, c)
     center = masked_row_max(xc, dtype, w) if center is None else rows(center, start, c)
-    return temper_and_mask(xc, dtype, t, w, center), center
+    return temper_and_mask(xc, dtype, t, w, center, transform), center
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kl_rows(a, b, where, c, t):
-    return _forward(a, b, where, c, t)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kl_rows(a, b, where, c, t, tr):
+    return _forward(a, b, where, c, t, tr)[0]
 
 
-def _kl_rows_fwd(a, b, where, c, t):
+def _kl_rows_fwd(a, b, where, c, t, tr):
     """The forward pass with symbolic zeros: an input that is not differentiated (a frozen
     teacher, the distillation case) gets no gradient pass and no gradient write at all. Which
     inputs need one is carried in the residuals' structure: a ``(None,)`` marker or ``()``."""
     where = getattr(where, "value", where)  # None (no mask) has no leaves to wrap
-    kl, res = _forward(a.value, b.value, where, c, t)
+    kl, res = _forward(a.value, b.value, where, c, t, tr)
     wanted = tuple((None,) if x.perturbed else () for x in (a, b))
     return kl, (res, wanted)
 
 
-def _forward(a, b, where, c, t):
+def _forward(a, b, where, c, t, tr):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
     # Stored in the compute dtype and unmasked, the raw row maxima of the whole arrays come
@@ -149,10 +153,10 @@ def _forward(a, b, where, c, t):
     def body(start, _, carry):
         (a_, b_), out = carry
         (ac, ca), (bc, cb) = (
-            _prepared_rows(x, where, start, c, dtype, t, m)
-            for x, m in zip((a_, b_), centers, strict=True)
+            _prepared_rows(x, where, start, c, dtype, t, m, trx)
+            for x, m, trx in zip((a_, b_), centers, tr, strict=True)
         )
-        ma_c, mb_c = tempered_max(ca, t), tempered_max(cb, t)
+        ma_c, mb_c = tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1])
         sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
         kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
         new = (kl, sa, sb) + (() if whole_max else (ca, cb))
@@ -166,26 +170,33 @@ def _forward(a, b, where, c, t):
     return kl, (a, b, where, kl, ca, cb, sa, sb)
 
 
-def _kl_rows_bwd(c, t, res, g):
+def _kl_rows_bwd(c, t, tr, res, g):
     del c
     (a, b, where, kl, ca, cb, sa, sb), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
     g = tempered_row_cotangent(g, dtype, t)
-    stats = (tempered_max(ca, t), tempered_max(cb, t), sa, sb)
+    stats = (tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1]), sa, sb)
 
     def grad(wrt, a, b):
-        ac, bc = (temper_and_mask(x, dtype, t, where, m) for x, m in ((a, ca), (b, cb)))
+        ac, bc = (
+            temper_and_mask(x, dtype, t, where, m, trx)
+            for x, m, trx in ((a, ca, tr[0]), (b, cb, tr[1]))
+        )
         gx = kl_logits_grads(*logits_terms(ac, bc, *stats), kl[:, None])[wrt]
-        return masked_logits_cotangent(gx * g, (a, b)[wrt].dtype, where)
+        x = (a, b)[wrt]
+        return masked_logits_cotangent(gx * g, x.dtype, where, x.astype(dtype), tr[wrt])
 
     # Two elementwise passes over the inputs, each writing its gradient directly. They share
     # e^{a − max a}: XLA computes it once into an [N, V] buffer that it then reuses for a
     # gradient (no temporary) — possible only when the gradients have the compute dtype. For
     # narrower inputs the barrier keeps the passes independent (the shared terms are
-    # recomputed), so that no [N, V] temporary in the compute dtype is made.
+    # recomputed), so that no [N, V] temporary in the compute dtype is made. The same with a
+    # logit transform: XLA would otherwise keep the transformed logits of both inputs (shared
+    # by the two passes) as [N, V] buffers.
     ga = grad(0, a, b) if need_a else None
-    if need_a and need_b and (a.dtype != dtype or b.dtype != dtype):
+    transformed = tr[0] is not None or tr[1] is not None
+    if need_a and need_b and (a.dtype != dtype or b.dtype != dtype or transformed):
         a, b = jax.lax.optimization_barrier((a, b))
     return ga, (grad(1, a, b) if need_b else None), None
 
@@ -200,6 +211,7 @@ def kl_logits_chunked(
     where: jax.Array | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    transforms: Transforms = NO_TRANSFORMS,
 ) -> jax.Array:
     """KL(softmax(a/T)‖softmax(b/T)) along the last axis, in row chunks with an O(N) residual VJP.
 
@@ -214,6 +226,9 @@ def kl_logits_chunked(
         inputs beforehand).
       chunk_size: rows per chunk; default: about ``CHUNK_BYTES`` of one input per chunk in the
         compute dtype.
+      transforms: the (a, b) logit scale and soft-cap (``kldiv._logits.transform_logits``),
+        applied per chunk before the temperature; the backward pass multiplies the logits'
+        cotangents by the transform's derivative.
 
     Returns:
       KL per row, shape ``a.shape[:-1]``, in the compute dtype. Differentiable in reverse mode
@@ -224,10 +239,10 @@ def kl_logits_chunked(
     lead, v = a.shape[:-1], a.shape[-1]
     dtype = compute_dtype(a, b)
     if a.size == 0 or v == 0:
-        return kl_logits_aligned(a, b, where, t)
+        return kl_logits_aligned(a, b, where, t, transforms)
     a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
     w2 = None if where is None else where.reshape(-1, v)
     n = a2.shape[0]
     c = chunk_rows(n, v, dtype) if chunk_size is None else max(1, min(n, int(chunk_size)))
     a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
-    return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, c, t)), lead)
+    return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, c, t, tuple(transforms))), lead)
