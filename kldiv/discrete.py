@@ -269,9 +269,8 @@ def kl_from_logits(
       logit_scale: s > 0, a multiplier of the logits applied first (logits ← s·x), or None
         (off); a Python number or a ``(teacher, student)`` pair as for ``softcap``. Without a
         soft-cap, s·x beyond the dtype's range is saturated to its largest finite value.
-        Both are static (Python numbers): the chunked path applies them per row chunk (no
-        ``[N, V]`` copy). ``impl="pallas"`` does not support them yet (NotImplementedError);
-        ``impl="auto"`` then never picks it.
+        Both are static (Python numbers): the chunked path applies them per row chunk, the
+        Pallas kernel per loaded block (no ``[N, V]`` copy).
 
     Returns:
       KL per example (float32 for 16-bit inputs, else the input dtype). Entries with p = 0
@@ -291,7 +290,6 @@ def kl_from_logits(
         that is not finite and positive, or an array temperature that is not one per example;
         a ``softcap`` or ``logit_scale`` that is not a finite positive number (TypeError for
         arrays: they are static).
-      NotImplementedError: ``impl="pallas"`` with ``softcap`` or ``logit_scale``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -338,11 +336,6 @@ def kl_from_logits(
     dtype = _checks.compute_dtype(a, b)
     temperature = _checks.check_temperature(temperature, a.shape[:-1], dtype)
     transforms = _checks.logit_transforms(logit_scale, softcap, dtype)
-    if impl == "pallas" and transforms != NO_TRANSFORMS:
-        raise NotImplementedError(
-            "kldiv: impl='pallas' does not support `softcap`/`logit_scale` yet; use "
-            "impl='chunked' or 'xla' (or 'auto')."
-        )
     if axis_name is not None:
         pair = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms)
         return kl_logits_core(*pair, axis_name)
@@ -418,8 +411,6 @@ def _kl_from_aligned_logits(
     ``"auto"`` then picks among the others."""
     if impl == "auto":
         impl = choose_logits_impl(a.shape, a.dtype)
-        if impl == "pallas" and transforms != NO_TRANSFORMS:
-            impl = "chunked" if a.size >= AUTO_CHUNKED_MIN_ELEMENTS else "xla"
     if impl == "xla":
         return kl_logits_aligned(a, b, where, temperature, transforms)
     t = static_temperature(temperature)
@@ -431,4 +422,4 @@ def _kl_from_aligned_logits(
         return kl_logits_chunked(a, b, where=where, temperature=t, transforms=transforms)
     from kldiv.fused.pallas import kl_logits_pallas  # optional: Pallas imports only when used
 
-    return kl_logits_pallas(a, b, where=where, temperature=t)
+    return kl_logits_pallas(a, b, where=where, temperature=t, transforms=transforms)

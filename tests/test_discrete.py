@@ -585,7 +585,7 @@ def test_array_likes_and_empty_vocabulary():
 # ---------------------------------------------------------------------------------------------
 # Soft-capped and scaled logits (softcap=, logit_scale=): logits ← c·tanh(s·x/c), then ÷T.
 
-SOFTCAP_IMPLS = ("xla", "chunked", "auto")  # impl="pallas": NotImplementedError (tested below)
+SOFTCAP_IMPLS = ("xla", "chunked", "pallas", "auto")
 TRANSFORMS = [
     (30.0, None),
     (2.0, 0.5),
@@ -758,18 +758,30 @@ def test_softcap_bf16_and_float32_near_equal(impl_):
     np.testing.assert_allclose(v16, ref16, rtol=1e-3, atol=1e-7)
 
 
-def test_softcap_chunked_equals_xla_under_jit_and_pallas_is_not_yet_supported(monkeypatch):
-    a, b, where = _softcap_inputs(seed=4, shape=(7, 33))
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_softcap_fused_paths_equal_xla_under_jit(impl):
+    """Per chunk (chunked) and per vocabulary block (Pallas: several blocks of 16 here), values
+    and both gradients equal the XLA path's."""
+    a, b, where = _softcap_inputs(seed=4, shape=(7, 40))
     kw = dict(where=where, softcap=(20.0, 10.0), logit_scale=0.8, temperature=2.0)
-    ref = kldiv.kl_from_logits(a, b, impl="xla", **kw)
-    got = jax.jit(lambda x, y: kldiv.kl_from_logits(x, y, impl="chunked", **kw))(a, b)
+    extra = {"block": 16} if impl == "pallas" else {}
+
+    def fused(x, y):
+        if impl == "pallas":
+            from kldiv.fused.pallas import kl_logits_pallas
+
+            tr = kldiv._checks.logit_transforms(0.8, (20.0, 10.0), jnp.float64)
+            return kl_logits_pallas(x, y, where=where, temperature=2.0, transforms=tr, **extra)
+        return kldiv.kl_from_logits(x, y, impl=impl, **kw)
+
+    w = np.arange(1.0, 8.0)
+    ref, ref_g = jax.value_and_grad(
+        lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, impl="xla", **kw) * w), (0, 1)
+    )(a, b)
+    got, got_g = jax.jit(jax.value_and_grad(lambda x, y: jnp.sum(fused(x, y) * w), (0, 1)))(a, b)
     np.testing.assert_allclose(got, ref, rtol=1e-12)
-    with pytest.raises(NotImplementedError, match="kldiv: impl='pallas'.*softcap"):
-        kldiv.kl_from_logits(a, b, impl="pallas", softcap=20.0)
-    # "auto" never picks the Pallas kernel with a transform, even where it would otherwise.
-    monkeypatch.setitem(kldiv.discrete.AUTO_VERIFIED, jax.default_backend(), ("pallas",))
-    assert kldiv.discrete.choose_logits_impl(a.shape) == "pallas"
-    np.testing.assert_allclose(kldiv.kl_from_logits(a, b, impl="auto", **kw), ref, rtol=1e-12)
+    for g, r in zip(got_g, ref_g, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-13)
 
 
 def test_softcap_of_one_and_none_are_identity():

@@ -86,7 +86,7 @@ def test_data_parallel(tmp_path):
     _assert_pngs(tmp_path, ["data_parallel_loss.png"])
 
 
-def _script(name: str, *args: str, timeout: float = 240.0) -> str:
+def _script(name: str, *args: str, timeout: float = 900.0) -> str:
     """Runs ``python examples/<name>.py args...`` with this checkout first on the path."""
     root = str(EXAMPLES.parent)
     env = dict(os.environ)

@@ -3,8 +3,7 @@
 Hypothesis draws logits (ordinary ranges and up to ±3e38), ``where`` masks, rows of −inf, NaN in
 masked entries, 16-bit inputs, temperatures (Python numbers, tiny to huge, and traced arrays,
 one per row) and logit transforms (``softcap``/``logit_scale``, numbers or (teacher, student)
-pairs; xla, chunked and auto only: the Pallas kernel raises NotImplementedError for them), and
-asserts for every ``impl`` (xla, chunked, pallas in interpret mode, auto):
+pairs), and asserts for every ``impl`` (xla, chunked, pallas in interpret mode, auto):
 
 * valid input never gives NaN, the value is ≥ 0, and the gradient is finite wherever the value
   is (and 0 at masked entries);
@@ -138,9 +137,8 @@ def test_logits_up_to_float32_max_stay_finite(case):
     _check(_run(case, traced=False), where, t)
 
 
-# Soft-capped and scaled logits (softcap=, logit_scale=): the same semantics on every impl that
-# supports them. The Pallas kernel does not yet (NotImplementedError, asserted below).
-TRANSFORM_IMPLS = ("xla", "chunked", "auto")
+# Soft-capped and scaled logits (softcap=, logit_scale=): the same semantics on every impl.
+TRANSFORM_IMPLS = IMPLS
 transforms = st.tuples(
     st.sampled_from([None, 30.0, 0.5, 1e4, (30.0, None), (None, 5.0)]),
     st.sampled_from([None, 0.1, 2.0, 1e3, (2.0, 0.5)]),
@@ -152,9 +150,6 @@ def test_softcap_every_impl_same_semantics(case, transform, traced):
     softcap, logit_scale = transform
     kw = dict(softcap=softcap, logit_scale=logit_scale)
     _check(_run(case, traced, TRANSFORM_IMPLS, **kw), case[2], case[3])
-    if softcap is not None or logit_scale is not None:
-        with pytest.raises(NotImplementedError, match="impl='pallas'"):
-            kldiv.kl_from_logits(case[0], case[1], impl="pallas", **kw)
 
 
 @given(cases(big=True), transforms)

@@ -32,11 +32,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from kldiv._checks import compute_dtype
 from kldiv._logits import (
+    NO_TRANSFORMS,
+    Transforms,
     kl_logits_aligned,
     masked_logits_cotangent,
     temper_and_mask,
     tempered_max,
     tempered_row_cotangent,
+    transform_logits,
 )
 from kldiv._numerics import (
     BlockKL,
@@ -72,22 +75,29 @@ def _load(ref, i, block, fill):
     return plgpu.load(ref.at[idx], mask=mask, other=fill), idx, mask
 
 
-def _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, centers=None):
-    """Block i of both logit rows as ``temper_and_mask`` defines them (the compute dtype, −inf
-    where masked or past the row's end, centred on the rows' raw maxima ``centers`` and divided
-    by T), or, without ``centers``, raw (cast and masked only, for the statistics pass); the mask
-    block (or None), indices, in-row mask."""
+def _load_pair(a_ref, b_ref, w_ref, i, block, dtype):
+    """Block i of both logit rows, raw: cast to the compute dtype, −inf where masked or past the
+    row's end (``temper_and_mask`` at T = 1 without a transform); the mask block (or None),
+    indices, in-row mask."""
     a, idx, mask = _load(a_ref, i, block, -jnp.inf)
     b, _, _ = _load(b_ref, i, block, -jnp.inf)
     w = None if w_ref is None else _load(w_ref, i, block, 0)[0] != 0
-    if centers is None:
-        a, b = (temper_and_mask(x, dtype, 1.0, w) for x in (a, b))
-    else:
-        a, b = (
-            temper_and_mask(x, dtype, temperature, w, c)
-            for x, c in zip((a, b), centers, strict=True)
-        )
+    a, b = (temper_and_mask(x, dtype, 1.0, w) for x in (a, b))
     return a, b, w, idx, mask
+
+
+def _tempered(raw, centers, temperature, transforms):
+    """Raw blocks as ``temper_and_mask`` defines them (scaled and soft-capped, centred on the
+    raw ``centers``, divided by T), and their tempered maxima."""
+    dtype = raw[0].dtype
+    out = tuple(
+        temper_and_mask(x, dtype, temperature, None, c, tr)
+        for x, c, tr in zip(raw, centers, transforms, strict=True)
+    )
+    maxima = tuple(
+        tempered_max(c, temperature, tr) for c, tr in zip(centers, transforms, strict=True)
+    )
+    return out, maxima
 
 
 def _split_refs(refs, has_where, n_in):
@@ -97,18 +107,19 @@ def _split_refs(refs, has_where, n_in):
     return a_ref, b_ref, w_ref, refs[n_in:]
 
 
-def _block_state(a, b, dtype, temperature) -> BlockKL:
-    """The one-pass state of one loaded block of raw (cast and masked) logit rows: its own
-    maxima, Σexp and KL, computed as :func:`kl_logits_aligned` computes a whole row
-    (``temper_and_mask`` centred on the block's maxima, ``logits_terms``, ``logit_kl_terms``)."""
-    ca, cb = (jnp.max(x, keepdims=True) for x in (a, b))
-    ca, cb = (jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)) for m in (ca, cb))
-    at, bt = (temper_and_mask(x, dtype, temperature, None, c) for x, c in ((a, ca), (b, cb)))
-    ta, tb = tempered_max(ca, temperature), tempered_max(cb, temperature)
-    return block_kl(at, bt, ca, cb, ta, tb)
+def _block_state(a, b, temperature, transforms):
+    """The one-pass state of one block of raw (cast and masked) logit rows — its own maxima,
+    Σexp and KL, computed as :func:`kl_logits_aligned` computes a whole row (``temper_and_mask``
+    centred on the block's maxima, ``logits_terms``, ``logit_kl_terms``), with the maxima in the
+    transformed logits' units — and the block's raw maxima."""
+    raw_max = tuple(jnp.max(x, keepdims=True) for x in (a, b))
+    centers = tuple(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)) for m in raw_max)
+    (at, bt), (ta, tb) = _tempered((a, b), centers, temperature, transforms)
+    ma, mb = (transform_logits(c, tr) for c, tr in zip(centers, transforms, strict=True))
+    return block_kl(at, bt, ma, mb, ta, tb), raw_max
 
 
-def _fwd_kernel(*refs, block, temperature, has_where):
+def _fwd_kernel(*refs, block, temperature, has_where, transforms):
     """One pass over the row: each block's own statistics and KL, merged into the running state
     by the chain rule of the KL divergence (``_numerics.merge_block_kl``)."""
     a_ref, b_ref, w_ref, (kl_ref, ma_ref, mb_ref, sa_ref, sb_ref) = _split_refs(
@@ -119,20 +130,22 @@ def _fwd_kernel(*refs, block, temperature, has_where):
     t = temperature
 
     def step(i, carry):
-        state, nans = carry
-        a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, t)[:2]
-        state = merge_block_kl(state, _block_state(a, b, dtype, t), t)
+        state, raw_a, raw_b, nans = carry
+        a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype)[:2]
+        block_state, (ba, bb) = _block_state(a, b, t, transforms)
+        state = merge_block_kl(state, block_state, t)
         # NaN in an unmasked entry propagates as on the XLA path (a GPU max would drop it).
         nans = nans + jnp.sum((jnp.isnan(a) | jnp.isnan(b)).astype(dtype), keepdims=True)
-        return state, nans
+        return state, jnp.maximum(raw_a, ba), jnp.maximum(raw_b, bb), nans
 
     empty_m = jnp.full((1,), -jnp.inf, dtype)
     zero = jnp.zeros((1,), dtype)
-    state, nans = jax.lax.fori_loop(
-        0, n_blocks, step, (BlockKL(empty_m, zero, empty_m, zero, zero, zero), zero)
-    )
-    ma, sa = finish_stats(state.ma, state.sa)  # the raw row maxima: the backward's centres
-    mb, sb = finish_stats(state.mb, state.sb)
+    init = (BlockKL(empty_m, zero, empty_m, zero, zero, zero), empty_m, empty_m, zero)
+    state, raw_a, raw_b, nans = jax.lax.fori_loop(0, n_blocks, step, init)
+    # The raw row maxima (the backward's centres) and Σexp about their transformed, tempered
+    # values (the state's maxima are the transformed ones: the same Σexp).
+    ma, sa = finish_stats(raw_a, state.sa)
+    mb, sb = finish_stats(raw_b, state.sb)
     kl_ref[...] = jnp.where(nans > 0, jnp.nan, state.kl)
     ma_ref[...] = ma
     mb_ref[...] = mb
@@ -140,23 +153,27 @@ def _fwd_kernel(*refs, block, temperature, has_where):
     sb_ref[...] = sb
 
 
-def _bwd_kernel(*refs, block, temperature, has_where, wanted):
+def _bwd_kernel(*refs, block, temperature, has_where, wanted, transforms):
     """Writes the gradients in ``wanted`` (``"a"``, ``"b"`` or both): a frozen input (the
     teacher in distillation) costs no gradient write."""
     a_ref, b_ref, w_ref, rest = _split_refs(refs, has_where, 2 + has_where)
     kl_ref, ma_ref, mb_ref, sa_ref, sb_ref, g_ref, *out_refs = rest
     grad_refs = dict(zip(wanted, out_refs, strict=True))
     n_blocks = pl.cdiv(a_ref.shape[0], block)
-    ma, mb = ma_ref[...], mb_ref[...]  # the raw row maxima (centres)
-    stats = (tempered_max(ma, temperature), tempered_max(mb, temperature), sa_ref[...], sb_ref[...])
+    centers = (ma_ref[...], mb_ref[...])  # the raw row maxima
     kl, g = kl_ref[...], g_ref[...]  # g: the row cotangent, 1/T included
     dtype = kl.dtype
+    sa, sb = sa_ref[...], sb_ref[...]
 
     def step(i, carry):
-        a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype, temperature, (ma, mb))
-        grads = dict(zip("ab", kl_logits_grads(*logits_terms(a, b, *stats), kl), strict=True))
+        a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype)
+        (at, bt), (ta, tb) = _tempered((a, b), centers, temperature, transforms)
+        p, q, xh = logits_terms(at, bt, ta, tb, sa, sb)
+        grads = dict(zip("ab", kl_logits_grads(p, q, xh, kl), strict=True))
+        raw = {"a": a, "b": b}
+        tr = dict(zip("ab", transforms, strict=True))
         for name, ref in grad_refs.items():
-            cot = masked_logits_cotangent(grads[name] * g, ref.dtype, w)
+            cot = masked_logits_cotangent(grads[name] * g, ref.dtype, w, raw[name], tr[name])
             plgpu.store(ref.at[idx], cot, mask=mask)
         return carry
 
@@ -221,32 +238,32 @@ def _row_inputs(a, b, where):
     return (a, b) if where is None else (a, b, where)
 
 
-def _forward(a, b, where, block, interpret, temperature):
+def _forward(a, b, where, block, interpret, temperature, transforms):
     n, v = a.shape
     rows = _row_inputs(a, b, where)
     row = _out_struct((n, 1), compute_dtype(a, b), a)
-    kw = dict(temperature=temperature, has_where=where is not None)
+    kw = dict(temperature=temperature, has_where=where is not None, transforms=transforms)
     call = _call(
         _fwd_kernel, n, v, len(rows), 0, (row,) * 5, (_SCALAR_SPEC,) * 5, block, interpret, **kw
     )
     return call(*rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _kl_rows(a, b, where, block, interpret, temperature):
-    return _forward(a, b, where, block, interpret, temperature)[0][:, 0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _kl_rows(a, b, where, block, interpret, temperature, transforms):
+    return _forward(a, b, where, block, interpret, temperature, transforms)[0][:, 0]
 
 
-def _kl_rows_fwd(a, b, where, block, interpret, temperature):
+def _kl_rows_fwd(a, b, where, block, interpret, temperature, transforms):
     """Forward with symbolic zeros: which inputs are differentiated decides which gradients the
     backward kernel writes; it travels in the residuals' structure (a marker string)."""
     wanted = "".join(name for name, x in zip("ab", (a, b), strict=True) if x.perturbed)
     a, b, where = a.value, b.value, getattr(where, "value", where)
-    kl, *stats = _forward(a, b, where, block, interpret, temperature)
+    kl, *stats = _forward(a, b, where, block, interpret, temperature, transforms)
     return kl[:, 0], ((a, b, where, kl, *stats), {name: () for name in wanted})
 
 
-def _kl_rows_bwd(block, interpret, temperature, res, g):
+def _kl_rows_bwd(block, interpret, temperature, transforms, res, g):
     (a, b, where, kl, *stats), marker = res
     wanted = "".join(sorted(marker))
     n, v = a.shape
@@ -256,7 +273,9 @@ def _kl_rows_bwd(block, interpret, temperature, res, g):
     rows = _row_inputs(a, b, where)
     dtypes = {"a": a.dtype, "b": b.dtype}
     outs = tuple(_out_struct((n, v), dtypes[name], a) for name in wanted)
-    kw = dict(temperature=temperature, has_where=where is not None, wanted=wanted)
+    kw = dict(
+        temperature=temperature, has_where=where is not None, wanted=wanted, transforms=transforms
+    )
     specs = (_row_spec(v),) * len(wanted)
     call = _call(_bwd_kernel, n, v, len(rows), 6, outs, specs, block, interpret, **kw)
     grads = dict(zip(wanted, call(*rows, kl, *stats, g), strict=True))
@@ -274,6 +293,7 @@ def kl_logits_pallas(
     temperature: float = 1.0,
     interpret: bool | None = None,
     block: int | None = None,
+    transforms: Transforms = NO_TRANSFORMS,
 ) -> jax.Array:
     """KL(softmax(a/T)‖softmax(b/T)) along the last axis with the Pallas kernels above.
 
@@ -286,6 +306,9 @@ def kl_logits_pallas(
       temperature: T > 0, a Python number (static; apply traced temperatures beforehand).
       interpret: run in Pallas interpret mode; default: True unless the default backend is a GPU.
       block: vocabulary elements per block (a power of two); default :func:`block_size`.
+      transforms: the (a, b) logit scale and soft-cap (``kldiv._logits.transform_logits``),
+        applied to each loaded block before the temperature; the backward kernel multiplies the
+        cotangents by the transform's derivative.
 
     Returns:
       KL per row, shape ``a.shape[:-1]``, in the compute dtype; reverse-mode differentiable
@@ -294,11 +317,13 @@ def kl_logits_pallas(
     t = float(temperature)
     lead, v = a.shape[:-1], a.shape[-1]
     if a.size == 0 or v == 0:
-        return kl_logits_aligned(a, b, where, t)
+        return kl_logits_aligned(a, b, where, t, transforms)
     a2, b2 = a.reshape(-1, v), b.reshape(-1, v)
     w2 = None if where is None else where.reshape(-1, v)
     a2, b2, w2 = (None if x is None else _wide_offsets(x) for x in (a2, b2, w2))
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
     a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
-    return jnp.reshape(cast(jax.Array, _kl_rows(a2, b2, w2, block, interpret, t)), lead)
+    return jnp.reshape(
+        cast(jax.Array, _kl_rows(a2, b2, w2, block, interpret, t, tuple(transforms))), lead
+    )
