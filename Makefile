@@ -34,7 +34,7 @@ test: lint
 
 # Headline rows with every peer, in minutes on 2 cores; the sweeps (scaling, cross-over, the
 # full-covariance Gaussian pair whose TFP/distrax gradients can hang) are in bench-full.
-BENCH_QUICK := --suites logits,fused,gaussian --fused-cases target_logits,target_linear,penalty \
+BENCH_QUICK := --suites logits,fused,gaussian --fused-cases target_logits,target_linear,grad_filter,topk_linear,softcap,penalty \
 	--gaussian-cases diag_standard_normal,diag_pair,full_shared_prior --gaussian-rounds 3 \
 	--gaussian-timeout 60 --repeats 5
 

@@ -94,7 +94,8 @@ def _run(case, traced, impls=IMPLS, **kw):
     return results
 
 
-def _check(results, where, t):
+def _check(results, where, t, grad_unit=1.0):
+    """``grad_unit``: the largest factor by which a logit transform scales the gradient."""
     ref_v, ref_g = results["xla"]
     for impl, (v, g) in results.items():
         assert not np.any(np.isnan(v)), (impl, v)
@@ -111,9 +112,11 @@ def _check(results, where, t):
         for gi, ri in zip(g, ref_g, strict=True):
             rows = finite_rows & np.isfinite(ref_v)
             both_g = np.maximum(np.abs(ri[rows]), np.abs(gi[rows]))
-            # Logit gradients are (q − p)/T and p·(x − KL)/T: their natural unit is 1/T, and a
-            # row whose gradient cancels to ~0 (p one-hot) keeps a float32 residue of eps/T.
-            unit = 1e-4 * max(1.0, 1.0 / t)
+            # Logit gradients are (q − p)/T and p·(x − KL)/T (times the transform's s): their
+            # natural unit is s/T, and a row whose gradient cancels to ~0 (p one-hot) keeps a
+            # float32 residue of eps·s·(1 + KL)/T (p·(x − KL) with x ≈ KL).
+            kl_row = np.where(both, ref_v, 0.0)[rows][:, None]
+            unit = 1e-4 * max(1.0, 1.0 / t) * max(1.0, grad_unit) * np.maximum(1.0, kl_row)
             scale = np.maximum(np.max(both_g, axis=-1, keepdims=True, initial=0), unit)
             np.testing.assert_allclose(
                 gi[rows] / scale, ri[rows] / scale, rtol=0, atol=2e-3, err_msg=impl
@@ -145,11 +148,17 @@ transforms = st.tuples(
 )
 
 
+def _grad_unit(logit_scale):
+    """The largest logit scale (the transforms' derivatives are at most s)."""
+    values = logit_scale if isinstance(logit_scale, tuple) else (logit_scale,)
+    return max([1.0] + [float(v) for v in values if v is not None])
+
+
 @given(cases(), transforms, st.booleans())
 def test_softcap_every_impl_same_semantics(case, transform, traced):
     softcap, logit_scale = transform
     kw = dict(softcap=softcap, logit_scale=logit_scale)
-    _check(_run(case, traced, TRANSFORM_IMPLS, **kw), case[2], case[3])
+    _check(_run(case, traced, TRANSFORM_IMPLS, **kw), case[2], case[3], _grad_unit(logit_scale))
 
 
 @given(cases(big=True), transforms)
@@ -158,7 +167,7 @@ def test_softcap_logits_up_to_float32_max_stay_finite(case, transform):
     case = (np.clip(a, -BIG, BIG), np.clip(b, -BIG, BIG), where, t, np.float32)
     softcap, logit_scale = transform
     results = _run(case, False, TRANSFORM_IMPLS, softcap=softcap, logit_scale=logit_scale)
-    _check(results, where, t)
+    _check(results, where, t, _grad_unit(logit_scale))
 
 
 @given(

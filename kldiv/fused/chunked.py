@@ -3,10 +3,9 @@
 The naive composition (log-softmax of both logits, KL, autodiff) keeps several ``[N, V]``
 float32 arrays alive for the backward pass and reads the logits many times. Here:
 
-* forward: the row maxima of both logits (one streaming pass each; with a mask or 16-bit
-  inputs, per chunk instead), then a loop over chunks of ``C`` rows that computes Σexp of both
-  rows and the KL terms while the chunk is in cache. Saved for the backward pass: the inputs (as
-  given) and four numbers per row (maxima, Σexp) and the KL, O(N).
+* forward: one pass over the inputs, a loop over chunks of ``C`` rows that computes the row
+  maxima, Σexp of both rows and the KL terms while the chunk is in cache. Saved for the backward
+  pass: the inputs (as given) and four numbers per row (maxima, Σexp) and the KL, O(N).
 * backward: both gradients from the saved statistics in elementwise passes,
 
       ∂KL/∂a = p·(x − KL),   ∂KL/∂b = q − p,   x = log(p/q)   (``_numerics.kl_logits_grads``),
@@ -142,31 +141,28 @@ def _kl_rows_fwd(a, b, where, c, t, tr):
 def _forward(a, b, where, c, t, tr):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
-    # Stored in the compute dtype and unmasked, the raw row maxima of the whole arrays come
-    # first (one streaming pass each): the chunk loop then reads its rows straight from the
-    # inputs, without a copy of each chunk for the reduction. Otherwise each chunk is prepared
-    # once and reduced in cache. The maxima are the centres of temper_and_mask.
-    whole_max = where is None and a.dtype == b.dtype == dtype
-    centers = (masked_row_max(a, dtype), masked_row_max(b, dtype)) if whole_max else (None, None)
 
+    # One pass over the inputs: each chunk of rows is read once and kept in cache while its row
+    # maxima (the centres of temper_and_mask), Σexp and KL terms are computed. (A first pass for
+    # the whole arrays' maxima read every input twice: measured 12% slower in the forward and
+    # 10% in forward+student gradient at [1024, 32768] float32 on a 2-core x86 CPU.)
     # The carry: the stored inputs (see _pass_through) and the per-row outputs.
     def body(start, _, carry):
         (a_, b_), out = carry
         (ac, ca), (bc, cb) = (
-            _prepared_rows(x, where, start, c, dtype, t, m, trx)
-            for x, m, trx in zip((a_, b_), centers, tr, strict=True)
+            _prepared_rows(x, where, start, c, dtype, t, None, trx)
+            for x, trx in zip((a_, b_), tr, strict=True)
         )
         ma_c, mb_c = tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1])
         sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
         kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
-        new = (kl, sa, sb) + (() if whole_max else (ca, cb))
+        new = (kl, sa, sb, ca, cb)
         out = tuple(put_rows(buf, v, start) for buf, v in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
     zeros = jnp.zeros((n,), dtype)
-    init = (zeros,) + (zeros[:, None],) * (2 if whole_max else 4)
-    kl, sa, sb, *found = for_each_chunk(n, c, body, ((a, b), init))[1]
-    ca, cb = centers if whole_max else found
+    init = (zeros,) + (zeros[:, None],) * 4
+    kl, sa, sb, ca, cb = for_each_chunk(n, c, body, ((a, b), init))[1]
     return kl, (a, b, where, kl, ca, cb, sa, sb)
 
 
