@@ -369,6 +369,31 @@ _fused_values.defvjp(_fused_values_fwd, _fused_values_bwd)
 # Public API.
 
 
+def _chunk_tokens(n: int, v: int, cdt, chunk_size: int | None) -> int:
+    """Tokens per chunk: ``chunk_size``, or the backend's default (:func:`_tuning`: about
+    ``chunk_bytes`` of one ``[C, V]`` block, at least ``min_chunk``), within [1, max(n, 1)]."""
+    if chunk_size is None:
+        tuning = _tuning()
+        chunk = max(tuning.min_chunk, tuning.chunk_bytes // max(1, v * jnp.dtype(cdt).itemsize))
+    else:
+        chunk = int(chunk_size)
+    return max(1, min(max(n, 1), chunk))
+
+
+def _reduction_weights(reduce_fn, n: int, cdt, like, exclude=frozenset()) -> jax.Array:
+    """d reduce_fn(values)/d values, ``[n]``: the per-token weights that a scalar (linear)
+    reduction gives the values, which the fused forward pass folds into the gradients.
+
+    Inside ``shard_map`` the point has the type of the per-token values (varying like the
+    arrays ``like``: the hidden states and the token mask) and the cotangent that of the
+    reduction: an invariant point would sum the weights over the mapped axes.
+    """
+    point = match_vma(jnp.zeros((n,), cdt), *like, exclude=exclude)[0]
+    reduced, reduce_vjp = jax.vjp(reduce_fn, point)
+    (weights,) = reduce_vjp(match_vma(jnp.ones((), cdt), reduced)[0])
+    return weights
+
+
 def _check_matrix(name_h, h, name_w, w):
     _checks.check_floating(name_h, h)
     _checks.check_floating(name_w, w)
@@ -714,13 +739,7 @@ def fused_linear_kl(
     else:
         labels_c = jnp.zeros((n,), jnp.int32)
 
-    itemsize = jnp.dtype(cdt).itemsize
-    if chunk_size is None:
-        tuning = _tuning()
-        chunk = max(tuning.min_chunk, tuning.chunk_bytes // max(1, v * itemsize))
-    else:
-        chunk = int(chunk_size)
-    chunk = max(1, min(max(n, 1), chunk))
+    chunk = _chunk_tokens(n, v, cdt, chunk_size)
     unit_t = bool(isinstance(temperature, numbers.Real) and temperature == 1)
     # The hard term is computed when there are labels and its weight is not the Python number 0
     # (labels alone, with hard_weight=0, only drop ignore_index tokens).
@@ -765,11 +784,7 @@ def fused_linear_kl(
         return reduce_fn(_fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp))
     # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
     # the per-token weights that the forward pass folds into the gradients.
-    # Inside shard_map the point has the type of the per-token values (an invariant one would
-    # sum the weights over the mapped axes) and the cotangent that of the reduction.
-    point = match_vma(jnp.zeros((n,), cdt), hs, reduce_mask, exclude=vocab_axes)[0]
-    reduced, reduce_vjp = jax.vjp(reduce_fn, point)
-    (weights,) = reduce_vjp(match_vma(jnp.ones((), cdt), reduced)[0])
+    weights = _reduction_weights(reduce_fn, n, cdt, (hs, reduce_mask), vocab_axes)
     total, values = cast(
         tuple[jax.Array, jax.Array],
         _fused_scalar(

@@ -31,8 +31,9 @@ from kldiv.fused._rows import for_each_chunk, put_rows, rows
 from kldiv.fused_linear import (
     _accumulate_weight_grad,
     _check_matrix,
+    _chunk_tokens,
     _hidden_grad_t,
-    _tuning,
+    _reduction_weights,
     _weight_grad,
 )
 from kldiv.reductions import reduce
@@ -331,12 +332,7 @@ def fused_linear_topk_kl(
         keep = token_keep[:, None] if keep is None else keep & token_keep[:, None]
         keep = jnp.broadcast_to(keep, (n, k))
 
-    if chunk_size is None:
-        tuning = _tuning()
-        chunk = max(tuning.min_chunk, tuning.chunk_bytes // max(1, v * jnp.dtype(cdt).itemsize))
-    else:
-        chunk = int(chunk_size)
-    chunk = max(1, min(max(n, 1), chunk))
+    chunk = _chunk_tokens(n, v, cdt, chunk_size)
     cfg = _Config(tail, chunk, static_temperature(temperature))
     temp = jnp.asarray(temperature, cdt)
 
@@ -356,8 +352,7 @@ def fused_linear_topk_kl(
         return reduce_fn(_fused_values(cfg, *match_vma(hs, ws, ids, lp, keep, temp)))
     # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
     # the per-token weights that the forward pass folds into the gradients.
-    _, reduce_vjp = jax.vjp(reduce_fn, jnp.zeros((n,), cdt))
-    (weights,) = reduce_vjp(jnp.ones((), cdt))
+    weights = _reduction_weights(reduce_fn, n, cdt, (hs, reduce_mask))
     total, values = cast(
         tuple[jax.Array, jax.Array],
         _fused_scalar(cfg, *match_vma(hs, ws, ids, lp, keep, temp, weights)),

@@ -388,3 +388,42 @@ def test_under_shard_map_with_replicated_weight(reduction):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     for g, w in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_under_shard_map_with_a_sharded_token_mask(reduction):
+    """A token mask sharded with the tokens (it varies over the mapped axis): the reduction's
+    per-token weights are each shard's own, not summed over the shards; "mean" with the global
+    count."""
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    ids, lp, hs, ws = _inputs(16, n=16)
+    mask = np.random.default_rng(16).random(16) < 0.7
+
+    def loss(ids, lp, hs, ws, mask, count=None):
+        out = fused_linear_topk_kl(
+            ids, lp, hs, ws, tail="renormalize", reduction=reduction, mask=mask, count=count,
+            chunk_size=2,
+        )  # fmt: skip
+        return jnp.sum(out) if reduction == "none" else out
+
+    def sharded(ids, lp, hs, ws, mask):
+        count = kldiv.count_kept(mask, axis_name="data") if reduction == "mean" else None
+        return loss(ids, lp, hs, ws, mask, count)
+
+    argnums = (1, 2, 3)
+    want = jax.value_and_grad(loss, argnums)(ids, lp, hs, ws, mask)
+
+    def step(*xs):
+        return jax.value_and_grad(lambda *ys: jax.lax.psum(sharded(*ys), "data"), argnums)(*xs)
+
+    in_specs = (P("data"), P("data"), P("data"), P(), P("data"))
+    out_specs = (P(), (P("data"), P("data"), P()))
+    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(
+        ids, lp, hs, ws, mask
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
