@@ -139,12 +139,6 @@ def _unsharded_and_sharded(mesh, loss, args, in_specs, argnums):
 def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, impl, prior):
     """Data parallel: the teacher sharded over examples, the model a replicated [V] prior (its
     gradient is the sum over shards) or sharded like the teacher; the default check_vma=True."""
-    if impl == "pallas" and jax.default_backend() != "gpu":
-        pytest.xfail(
-            "Pallas interpret mode (off GPU) fails inside shard_map with check_vma=True in JAX "
-            "0.10.2: its evaluation of the kernel's block loop and indexed loads drops the "
-            "varying axes (a JAX bug, not kldiv's)"
-        )
     rng = np.random.default_rng(5)
     a = rng.normal(size=(8, 16)) * 2
     b = rng.normal(size=(16,)) if prior == "replicated" else rng.normal(size=(8, 16))
@@ -163,10 +157,10 @@ def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, imp
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "auto"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas", "auto"])
 def test_softcap_under_shard_map_with_a_replicated_prior(mesh, impl):
-    """Data parallel with soft-capped and scaled logits (the Pallas kernel does not take them
-    yet): a replicated model prior gets the sum of the shards' gradients."""
+    """Data parallel with soft-capped and scaled logits: a replicated model prior gets the sum
+    of the shards' gradients."""
     rng = np.random.default_rng(6)
     a = rng.normal(size=(8, 16)) * 20
     b = rng.normal(size=(16,)) * 20
@@ -448,6 +442,33 @@ def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma):
             check_vma=check_vma,
         )
     )(hs, ws, wt)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
+def test_every_impl_with_rows_sharded_over_two_mesh_axes(mesh_2d, impl):
+    """Rows split over both axes of a 2 × 2 mesh, the model prior replicated over both: each
+    impl (Pallas interpret mode gathers over the pair of axes) equals the unsharded values and
+    gradients."""
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(8, 16)) * 3, rng.normal(size=(16,))
+    a[2, 5] = -np.inf
+
+    def loss(x, y):
+        return jnp.sum(kldiv.kl_from_logits(x, y, temperature=0.7, impl=impl))
+
+    want, want_g = jax.value_and_grad(loss, (0, 1))(a, b)
+
+    def step(x, y):
+        axes = ("data", "vocab")
+        return jax.value_and_grad(lambda *z: jax.lax.psum(loss(*z), axes), (0, 1))(x, y)
+
+    specs = (P(("data", "vocab")), P())
+    got, got_g = jax.jit(jax.shard_map(step, mesh=mesh_2d, in_specs=specs, out_specs=(P(), specs)))(
+        a, b
+    )
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)

@@ -49,6 +49,7 @@ from kldiv._numerics import (
     logits_terms,
     match_vma,
     merge_block_kl,
+    varying_axes,
 )
 
 __all__: list[str] = []
@@ -228,10 +229,14 @@ def _out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
     """An output of ``shape`` and ``dtype`` varying over the same ``shard_map`` axes as ``like``
     (the inputs agree after ``match_vma``): Pallas needs it inside ``shard_map`` with
     ``check_vma=True``."""
-    manual = getattr(jax.typeof(like), "manual_axis_type", None)
-    if manual is None:
-        return jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+    aval = jax.typeof(like)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+    vma = getattr(aval, "vma", None)  # JAX 0.7–0.9
+    if vma is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)  # pyright: ignore[reportCallIssue]
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _row_inputs(a, b, where):
@@ -324,6 +329,40 @@ def kl_logits_pallas(
     interpret = (not on_gpu()) if interpret is None else bool(interpret)
     block = block_size(v) if block is None else int(block)
     a2, b2, w2 = match_vma(a2, b2, w2)  # replicated inputs inside shard_map (see match_vma)
-    return jnp.reshape(
-        cast(jax.Array, _kl_rows(a2, b2, w2, block, interpret, t, tuple(transforms))), lead
-    )
+    static = (block, interpret, t, tuple(transforms))
+
+    def rows(a, b, where):
+        return _kl_rows(a, b, where, *static)
+
+    axes = tuple(sorted(varying_axes(a2), key=str))
+    if interpret and axes:
+        rows = functools.partial(_gathered_rows, rows, axes)
+    return jnp.reshape(cast(jax.Array, rows(a2, b2, w2)), lead)
+
+
+def _gathered_rows(rows, axes, a, b, where):
+    """``rows`` in interpret mode inside ``jax.shard_map`` on inputs varying over ``axes``.
+
+    Pallas' interpreter evaluates the kernel's block loop and indexed loads with the types the
+    kernel was traced with, which carry no varying axes, and ``check_vma=True`` then rejects them
+    (JAX 0.10). Every shard's rows are gathered into one array that is the same on every device
+    (each shard placed at its index and ``psum``'d, a type with no varying axes), all rows go
+    through the kernel, and this device's rows are taken back (``axis_index``). The kernel is
+    row-wise, so the result equals the per-shard computation, and the transposes of the slice
+    and the ``psum`` return each shard its own gradient rows. Each device computes every shard's
+    rows: interpret mode is a test path, not a fast one. The compiled GPU kernel does not take
+    this detour.
+    """
+    idx, p = jax.lax.axis_index(axes), jax.lax.axis_size(axes)
+
+    def gather(x):
+        if x is None:
+            return None
+        boolean = x.dtype == jnp.bool_
+        y = x.astype(jnp.int8) if boolean else x
+        whole = jax.lax.psum(jnp.zeros((p, *y.shape), y.dtype).at[idx].set(y), axes)
+        whole = whole.reshape(p * y.shape[0], *y.shape[1:])
+        return whole != 0 if boolean else whole
+
+    out = rows(gather(a), gather(b), gather(where)).reshape(p, a.shape[0])
+    return out[jax.lax.axis_index(axes)]
