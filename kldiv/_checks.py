@@ -205,6 +205,10 @@ def check_temperature(temperature, batch_shape: tuple[int, ...] | None = None, d
 LogitTransform = tuple[float | None, float | None]
 """(logit_scale, softcap) of one side of a pair of logits: Python floats, None where off."""
 
+PairOption = float | tuple[float | None, float | None] | None
+"""The type of ``softcap=`` and ``logit_scale=``: None (off), one Python number for both inputs,
+or a ``(teacher, student)`` pair of numbers or None (:func:`check_logit_transform`)."""
+
 
 def check_logit_transform(name: str, value, dtype=None) -> tuple[float | None, float | None]:
     """The one check of ``softcap=`` / ``logit_scale=``; returns the (teacher, student) values.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kldiv import _checks
+from kldiv._checks import PairOption
 from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
@@ -213,8 +214,8 @@ def kl_from_logits(
     temperature: float | ArrayLike = 1.0,
     impl: str = "auto",
     axis_name: str | tuple[str, ...] | None = None,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """KL(softmax(logits_p / T) ‖ softmax(logits_q / T)), along ``axis``.
 

@@ -24,7 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, Reduction
+from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, PairOption, Reduction
 from kldiv._logits import (
     static_temperature,
     temper_and_mask_pair,
@@ -394,6 +394,35 @@ def _reduction_weights(reduce_fn, n: int, cdt, like, exclude=frozenset()) -> jax
     return weights
 
 
+def _fused_reduce(
+    values_fn, scalar_fn, *, lead, cdt, reduction, mask, like, exclude=frozenset(), **reduce_kw
+) -> jax.Array:
+    """The reduced loss of a fused head, shared by :func:`fused_linear_kl` and
+    ``fused_linear_topk_kl``.
+
+    ``values_fn()``: the per-token values (a custom VJP that takes their cotangent), used for
+    ``reduction="none"``. ``scalar_fn(weights)``: ``(Σ weights·values, values)`` from a custom
+    VJP whose forward pass folds the per-token ``weights`` (:func:`_reduction_weights`) into the
+    gradients. The value is exactly ``reduce(values)``; the gradient is that of
+    Σ weights·values, equal because every scalar reduction is linear in the values. ``like``
+    and ``exclude``: as :func:`_reduction_weights`.
+    """
+    n = int(np.prod(lead, dtype=np.int64))
+
+    def reduce_fn(values):
+        return reduce(values.reshape(lead), reduction, mask=mask, **reduce_kw)
+
+    if n == 0:
+        return reduce_fn(jnp.zeros((0,), cdt))
+    if reduction == "none":
+        return reduce_fn(values_fn())
+    weights = _reduction_weights(reduce_fn, n, cdt, like, exclude)
+    total, values = scalar_fn(weights)
+    value = reduce_fn(jax.lax.stop_gradient(values))
+    delta = total - jax.lax.stop_gradient(total)
+    return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))
+
+
 def _check_matrix(name_h, h, name_w, w):
     _checks.check_floating(name_h, h)
     _checks.check_floating(name_w, w)
@@ -483,8 +512,8 @@ def fused_linear_kl(
     chunk_size: int | None = None,
     grad_filter: float | None = None,
     axis_name: str | tuple[str, ...] | None = None,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Distillation divergence between two linear heads without materialising their logits.
 
@@ -768,43 +797,24 @@ def fused_linear_kl(
         student_transform=student_tr,
     )
 
-    def reduce_fn(values):
-        return reduce(
-            values.reshape(lead),
-            reduction,
-            mask=reduce_mask,
-            dataset_size=dataset_size,
-            count=count,
-            batch_size=batch_size,
-        )
+    def scalar_fn(weights):
+        weights = match_vma(weights, hs, ws, exclude=vocab_axes)[0]
+        args = (hs, ws, ht, wt, labels_c, weights, soft_w, hard_w, temp)
+        return cast(tuple[jax.Array, jax.Array], _fused_scalar(cfg, *args))
 
-    if n == 0:
-        return reduce_fn(jnp.zeros((0,), cdt))
-    if reduction == "none":
-        return reduce_fn(_fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp))
-    # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
-    # the per-token weights that the forward pass folds into the gradients.
-    weights = _reduction_weights(reduce_fn, n, cdt, (hs, reduce_mask), vocab_axes)
-    total, values = cast(
-        tuple[jax.Array, jax.Array],
-        _fused_scalar(
-            cfg,
-            hs,
-            ws,
-            ht,
-            wt,
-            labels_c,
-            match_vma(weights, hs, ws, exclude=vocab_axes)[0],
-            soft_w,
-            hard_w,
-            temp,
-        ),
+    return _fused_reduce(
+        lambda: _fused_values(cfg, hs, ws, ht, wt, labels_c, soft_w, hard_w, temp),
+        scalar_fn,
+        lead=lead,
+        cdt=cdt,
+        reduction=reduction,
+        mask=reduce_mask,
+        like=(hs, reduce_mask),
+        exclude=vocab_axes,
+        dataset_size=dataset_size,
+        count=count,
+        batch_size=batch_size,
     )
-    # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
-    # linear), which the custom VJP supplies.
-    value = reduce_fn(jax.lax.stop_gradient(values))
-    delta = total - jax.lax.stop_gradient(total)
-    return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))
 
 
 def fused_linear_kl_penalty(

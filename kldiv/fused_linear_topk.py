@@ -32,11 +32,10 @@ from kldiv.fused_linear import (
     _accumulate_weight_grad,
     _check_matrix,
     _chunk_tokens,
+    _fused_reduce,
     _hidden_grad_t,
-    _reduction_weights,
     _weight_grad,
 )
-from kldiv.reductions import reduce
 from kldiv.topk import _check_tail, _check_teacher, _topk_kl_rows
 
 __all__ = ["fused_linear_topk_kl"]
@@ -336,29 +335,19 @@ def fused_linear_topk_kl(
     cfg = _Config(tail, chunk, static_temperature(temperature))
     temp = jnp.asarray(temperature, cdt)
 
-    def reduce_fn(values):
-        return reduce(
-            values.reshape(lead),
-            reduction,
-            mask=reduce_mask,
-            dataset_size=dataset_size,
-            count=count,
-            batch_size=batch_size,
-        )
+    def scalar_fn(weights):
+        args = match_vma(hs, ws, ids, lp, keep, temp, weights)
+        return cast(tuple[jax.Array, jax.Array], _fused_scalar(cfg, *args))
 
-    if n == 0:
-        return reduce_fn(jnp.zeros((0,), cdt))
-    if reduction == "none":
-        return reduce_fn(_fused_values(cfg, *match_vma(hs, ws, ids, lp, keep, temp)))
-    # d loss / d values: the reduction is linear in the values, so its VJP at any point gives
-    # the per-token weights that the forward pass folds into the gradients.
-    weights = _reduction_weights(reduce_fn, n, cdt, (hs, reduce_mask))
-    total, values = cast(
-        tuple[jax.Array, jax.Array],
-        _fused_scalar(cfg, *match_vma(hs, ws, ids, lp, keep, temp, weights)),
+    return _fused_reduce(
+        lambda: _fused_values(cfg, *match_vma(hs, ws, ids, lp, keep, temp)),
+        scalar_fn,
+        lead=lead,
+        cdt=cdt,
+        reduction=reduction,
+        mask=reduce_mask,
+        like=(hs, reduce_mask),
+        dataset_size=dataset_size,
+        count=count,
+        batch_size=batch_size,
     )
-    # Value: exactly reduce(values); gradient: that of Σ weights·values (equal, as reduce is
-    # linear), which the custom VJP supplies.
-    value = reduce_fn(jax.lax.stop_gradient(values))
-    delta = total - jax.lax.stop_gradient(total)
-    return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kldiv import _checks
-from kldiv._checks import DIRECTIONS
+from kldiv._checks import DIRECTIONS, PairOption
 from kldiv._numerics import kl_terms
 from kldiv.discrete import kl_from_logits
 from kldiv.estimators import kl_penalty, kl_penalty_exact
@@ -170,6 +170,11 @@ def distillation_loss(
     where: ArrayLike | None = None,
     stop_teacher_gradient: bool = True,
     impl: str = "auto",
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
+    dataset_size: int | ArrayLike | None = None,
+    count: ArrayLike | float | None = None,
+    batch_size: ArrayLike | int | None = None,
 ) -> jax.Array:
     """Knowledge-distillation loss between teacher and student logits.
 
@@ -180,7 +185,8 @@ def distillation_loss(
     * ``"jsd"``: the generalised Jensen–Shannon divergence
       β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), m = βp + (1 − β)q (Agarwal et al. 2024, GKD);
 
-    then ``kldiv.reduce(values, reduction, mask=mask)``, times T² when
+    then ``kldiv.reduce(values, reduction, mask=mask, dataset_size=..., count=...,
+    batch_size=...)``, times T² when
     ``scale_by_temperature_squared`` (Hinton et al.'s factor, which keeps gradient magnitudes
     comparable across temperatures).
 
@@ -198,6 +204,13 @@ def distillation_loss(
       where: optional vocabulary mask ``[..., V]`` (excluded entries as if −inf).
       stop_teacher_gradient: apply ``jax.lax.stop_gradient`` to the teacher logits.
       impl: implementation of the logits KL (``kldiv.kl_from_logits``).
+      softcap: logit soft-cap c·tanh(x/c) before the temperature (Gemma 2's final-logit
+        soft-capping): None, one Python number for both, or a ``(teacher, student)`` pair
+        (``kldiv.kl_from_logits``); it follows the teacher and the student in every direction.
+      logit_scale: a factor applied to the logits before the soft-cap, in the same forms.
+      dataset_size, count, batch_size: passed to ``kldiv.reduce`` (``"dataset"`` scaling; a
+        global kept-token count for ``"mean"`` across devices, processes or micro-batches; the
+        global batch size for ``"batchmean"``/``"dataset"``).
 
     Returns:
       The reduced loss (or per-token values for ``"none"``), float32 for 16-bit inputs.
@@ -222,19 +235,46 @@ def distillation_loss(
     _checks.check_choice("direction", direction, DIRECTIONS)
     if stop_teacher_gradient:
         teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    caps = _checks.check_logit_transform("softcap", softcap)
+    scales = _checks.check_logit_transform("logit_scale", logit_scale)
     if direction == "forward":
         values = kl_from_logits(
-            teacher_logits, student_logits, where=where, temperature=temperature, impl=impl
+            teacher_logits,
+            student_logits,
+            where=where,
+            temperature=temperature,
+            impl=impl,
+            softcap=caps,
+            logit_scale=scales,
         )
-    elif direction == "reverse":
+    elif direction == "reverse":  # the student is the first argument: swap the pairs
         values = kl_from_logits(
-            student_logits, teacher_logits, where=where, temperature=temperature, impl=impl
+            student_logits,
+            teacher_logits,
+            where=where,
+            temperature=temperature,
+            impl=impl,
+            softcap=(caps[1], caps[0]),
+            logit_scale=(scales[1], scales[0]),
         )
     else:
         values = js_from_logits(
-            teacher_logits, student_logits, beta=beta, where=where, temperature=temperature
+            teacher_logits,
+            student_logits,
+            beta=beta,
+            where=where,
+            temperature=temperature,
+            softcap=caps,
+            logit_scale=scales,
         )
-    loss = reduce(values, reduction, mask=mask)
+    loss = reduce(
+        values,
+        reduction,
+        mask=mask,
+        dataset_size=dataset_size,
+        count=count,
+        batch_size=batch_size,
+    )
     if scale_by_temperature_squared:
         loss = loss * jnp.asarray(temperature, loss.dtype) ** 2
     return loss

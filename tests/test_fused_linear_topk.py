@@ -355,6 +355,27 @@ def test_temporary_memory_far_below_the_materialised_path(tail):
     assert ours <= 0.25 * logits, (ours, logits)
 
 
+def _assert_shard_map_equals_unsharded(mesh, loss, sharded_loss, args):
+    """Value and gradients (log-probs, hidden states, weight) of ``loss`` on whole arrays equal
+    those of ``sharded_loss`` psum'd inside ``shard_map`` (tokens over "data", the weight
+    replicated, default check_vma=True)."""
+    argnums = (1, 2, 3)
+    want = jax.value_and_grad(loss, argnums)(*args)
+
+    def total(*xs):
+        return jax.lax.psum(sharded_loss(*xs), "data")
+
+    def step(*xs):
+        return jax.value_and_grad(total, argnums)(*xs)
+
+    in_specs = (P("data"), P("data"), P("data"), P(), P("data"))
+    out_specs = (P(), (P("data"), P("data"), P()))
+    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.multidevice
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_under_shard_map_with_replicated_weight(reduction):
@@ -374,20 +395,7 @@ def test_under_shard_map_with_replicated_weight(reduction):
         )  # fmt: skip
         return jnp.sum(out) if reduction == "none" else out
 
-    argnums = (1, 2, 3)
-    want = jax.value_and_grad(loss, argnums)(ids, lp, hs, ws, where)
-
-    def step(*xs):
-        return jax.value_and_grad(lambda *ys: jax.lax.psum(loss(*ys), "data"), argnums)(*xs)
-
-    in_specs = (P("data"), P("data"), P("data"), P(), P("data"))
-    out_specs = (P(), (P("data"), P("data"), P()))
-    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(
-        ids, lp, hs, ws, where
-    )
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
-    for g, w in zip(got[1], want[1], strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+    _assert_shard_map_equals_unsharded(mesh, loss, loss, (ids, lp, hs, ws, where))
 
 
 @pytest.mark.multidevice
@@ -413,17 +421,4 @@ def test_under_shard_map_with_a_sharded_token_mask(reduction):
         count = kldiv.count_kept(mask, axis_name="data") if reduction == "mean" else None
         return loss(ids, lp, hs, ws, mask, count)
 
-    argnums = (1, 2, 3)
-    want = jax.value_and_grad(loss, argnums)(ids, lp, hs, ws, mask)
-
-    def step(*xs):
-        return jax.value_and_grad(lambda *ys: jax.lax.psum(sharded(*ys), "data"), argnums)(*xs)
-
-    in_specs = (P("data"), P("data"), P("data"), P(), P("data"))
-    out_specs = (P(), (P("data"), P("data"), P()))
-    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(
-        ids, lp, hs, ws, mask
-    )
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
-    for g, w in zip(got[1], want[1], strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+    _assert_shard_map_equals_unsharded(mesh, loss, sharded, (ids, lp, hs, ws, mask))

@@ -88,6 +88,45 @@ def test_distillation_directions(direction):
     assert np.all(g_t == 0)  # teacher frozen by default
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_distillation_softcap_and_scale_follow_teacher_and_student(direction):
+    """A (teacher, student) soft-cap and logit scale apply to the teacher and the student in
+    every direction: equal to materialising c·tanh(s·x/c) per side and taking the divergence."""
+    rng = np.random.default_rng(3)
+    t, s = rng.normal(size=(2, 4, 3, 10)) * 30
+    caps, scales = (20.0, 8.0), (0.5, 2.0)
+
+    def capped(x, c, k):
+        return c * np.tanh(k * x / c)
+
+    tc, sc = capped(t, caps[0], scales[0]), capped(s, caps[1], scales[1])
+    got = losses.distillation_loss(
+        t, s, reduction="none", temperature=1.5, direction=direction, beta=0.3,
+        softcap=caps, logit_scale=scales,
+    )  # fmt: skip
+    want = losses.distillation_loss(
+        tc, sc, reduction="none", temperature=1.5, direction=direction, beta=0.3
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_distillation_passes_reduction_arguments():
+    """dataset_size, count and batch_size reach kldiv.reduce (N/M scaling, global counts)."""
+    rng = np.random.default_rng(4)
+    t, s = rng.normal(size=(2, 4, 3, 10))
+    mask = rng.random((4, 3)) > 0.4
+    values = kldiv.kl_from_logits(t, s)
+    for reduction, kw in [
+        ("dataset", dict(dataset_size=1000)),
+        ("dataset", dict(dataset_size=1000, batch_size=16)),
+        ("mean", dict(count=20.0)),
+        ("batchmean", dict(batch_size=8)),
+    ]:
+        got = losses.distillation_loss(t, s, reduction=reduction, mask=mask, **kw)
+        want = kldiv.reduce(values, reduction, mask=mask, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_distillation_rejects_unknown_direction():
     with pytest.raises(ValueError, match="direction"):
         losses.distillation_loss(jnp.zeros(3), jnp.zeros(3), reduction="sum", direction="both")

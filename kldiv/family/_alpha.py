@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv.family._core import (
     KL_CORES,
     NEG_INF,
@@ -179,8 +180,8 @@ def alpha_divergence_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Amari α-divergence of two softmax distributions. See :func:`alpha_divergence`.
 

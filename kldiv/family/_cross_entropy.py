@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv.family._core import (
     NEG_INF,
     Pair,
@@ -90,8 +91,8 @@ def cross_entropy_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Cross-entropy H(softmax(logits_p/T), softmax(logits_q/T)). See :func:`cross_entropy`.
 
@@ -167,8 +168,8 @@ def entropy_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Shannon entropy of softmax(logits/T). Gradient: −p·(log p + H)/T. See :func:`entropy`.
 

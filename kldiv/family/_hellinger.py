@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv.family._core import (
     Pair,
     Rule,
@@ -76,8 +77,8 @@ def squared_hellinger_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Squared Hellinger distance of two softmax distributions. See :func:`squared_hellinger`.
 

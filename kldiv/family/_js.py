@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv._numerics import kl_terms, psum
 from kldiv.family._core import (
     FGenerator,
@@ -179,8 +180,8 @@ def js_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """JSD_β(softmax(logits_p/T) ‖ softmax(logits_q/T)). See :func:`js`.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv.family._core import (
     KL_CORES,
     prepare,
@@ -87,8 +88,8 @@ def reverse_kl_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """KL(softmax(logits_q/T) ‖ softmax(logits_p/T)), ``kl_from_logits(logits_q, logits_p)``.
 
@@ -155,8 +156,8 @@ def jeffreys_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Jeffreys divergence of softmax(logits_p/T) and softmax(logits_q/T). See :func:`jeffreys`.
 

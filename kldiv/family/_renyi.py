@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kldiv._checks import PairOption
 from kldiv.family._alpha import alpha_terms, log_geo
 from kldiv.family._core import (
     KL_CORES,
@@ -202,8 +203,8 @@ def renyi_from_logits(
     axis: int = -1,
     where: ArrayLike | None = None,
     temperature: float | ArrayLike = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    logit_scale: float | tuple[float | None, float | None] | None = None,
+    softcap: PairOption = None,
+    logit_scale: PairOption = None,
 ) -> jax.Array:
     """Rényi divergence D_α(softmax(logits_p/T) ‖ softmax(logits_q/T)). See :func:`renyi`.
 
