@@ -254,8 +254,10 @@ def logits_terms(a, b, ma, mb, sa, sb):
     sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
     half_log_norm_ratio = 0.5 * jnp.log1p((sa1 - sb1) / sb1)
     xh = ((ah - bh) + (al - bl)) - half_log_norm_ratio
-    p = jnp.exp(2 * ah) / sa1
-    q = jnp.where(sa > 0, jnp.exp(2 * bh) / sb1, jnp.zeros_like(bh))
+    # e^{a − ma} (= e^{2·ah}; a − ma ≤ 0 never overflows to a wrong value): the expression
+    # sum_exp uses, so XLA forms each exponential once where both are computed together.
+    p = jnp.exp(a - ma) / sa1
+    q = jnp.where(sa > 0, jnp.exp(b - mb) / sb1, jnp.zeros_like(bh))
     return p, q, xh
 
 
