@@ -24,6 +24,7 @@ __all__ = [
     "format_table",
     "temp_bytes",
     "timeit",
+    "timeit_interleaved",
     "timeit_torch",
     "write_json",
 ]
@@ -39,6 +40,24 @@ def timeit(fn: Callable, *args, repeats: int = 7, warmup: int = 2) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_interleaved(
+    fns: dict[str, Callable], *args, repeats: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time in seconds of each ``fn(*args)``, timed in interleaved rounds (every
+    function once per round, after ``warmup`` calls of each), so that a machine whose speed
+    drifts during the run shifts every function alike and the ratios between them hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def timeit_torch(fn: Callable, *args, repeats: int = 7, warmup: int = 2) -> float:

@@ -16,6 +16,7 @@ vocabulary entry masked to −inf in both inputs gives NaN (value or gradient).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import matplotlib
 
@@ -193,54 +194,58 @@ def run(args, progress) -> list[dict]:
     tm, sm = _masked_inputs(8)
     cands = _jax_candidates(gpu)
     wanted = None if args.logits_impls == "all" else set(args.logits_impls.split(","))
+    cands = {k: f for k, f in cands.items() if wanted is None or k in wanted}
+    timed: dict[str, Callable] = {}
+    for name, rows_fn in cands.items():
+        progress(f"{name}: compiling [{n}, {v}] {dtype}")
+        timed[f"{name}/fwd"] = jax.jit(rows_fn)
+        timed[f"{name}/fwdbwd"] = jax.jit(
+            jax.value_and_grad(lambda a, b, f=rows_fn: jnp.sum(f(a, b)), argnums=(0, 1))
+        )
+        if name.startswith("kldiv-"):
+            timed[f"{name}/student"] = jax.jit(
+                jax.grad(lambda a, b, f=rows_fn: jnp.sum(f(a, b)), argnums=1)
+            )
+    for name, f in _floors().items():
+        timed[f"{name}/fwdbwd"] = f
+    progress(f"timing {len(timed)} functions in {args.repeats} interleaved rounds")
+    seconds = common.timeit_interleaved(timed, t, s, repeats=args.repeats, warmup=args.warmup)
+    ms = {k: 1e3 * sec for k, sec in seconds.items()}
     rows = []
     for name, rows_fn in cands.items():
-        if wanted is not None and name not in wanted:
-            continue
-        progress(f"{name}: compiling and timing [{n}, {v}] {dtype}")
-        fwd = jax.jit(rows_fn)
-        fb = jax.jit(jax.value_and_grad(lambda a, b, f=rows_fn: jnp.sum(f(a, b)), argnums=(0, 1)))
-        fwd_s = common.timeit(fwd, t, s, repeats=args.repeats, warmup=args.warmup)
-        fb_s = common.timeit(fb, t, s, repeats=args.repeats, warmup=args.warmup)
         temp = common.temp_bytes(
             jax.value_and_grad(lambda a, b, f=rows_fn: jnp.sum(f(a, b)), argnums=(0, 1)), t, s
         )
         progress(f"{name}: accuracy and masked-entry check")
         rel, neg, nan = _accuracy(rows_fn, tn, sn, ref, tm, sm)
-        rows.append(
-            {
-                "impl": name,
-                "fwd_ms": 1e3 * fwd_s,
-                "fwdbwd_ms": 1e3 * fb_s,
-                "temp_MiB": None if temp is None else temp / 2**20,
-                "median_rel_err": rel,
-                "negatives": neg,
-                "nan_at_masked": nan,
-            }
-        )
-    rows += _floor_rows(t, s, args, progress)
-    for r in rows:
-        if r["impl"].startswith("kldiv-"):
-            progress(f"{r['impl']}: student gradient only")
-            impl = r["impl"].split("-", 1)[1]
-            g = jax.jit(jax.grad(lambda a, b, i=impl: jnp.sum(_kldiv_rows(i)(a, b)), argnums=1))
-            r["fwdbwd_student_ms"] = 1e3 * common.timeit(
-                g, t, s, repeats=args.repeats, warmup=args.warmup
-            )
-    floors = {r["impl"]: r["fwdbwd_ms"] for r in rows if r["impl"].startswith("floor")}
+        row = {
+            "impl": name,
+            "fwd_ms": ms[f"{name}/fwd"],
+            "fwdbwd_ms": ms[f"{name}/fwdbwd"],
+            "temp_MiB": None if temp is None else temp / 2**20,
+            "median_rel_err": rel,
+            "negatives": neg,
+            "nan_at_masked": nan,
+        }
+        if name.startswith("kldiv-"):
+            row["fwdbwd_student_ms"] = ms[f"{name}/student"]
+        rows.append(row)
+    floors = {name: ms[f"{name}/fwdbwd"] for name in _floors()}
+    for name, floor_ms in floors.items():
+        note = "physical floor (same bytes)"
+        if name == "floor-read":
+            # A forward pass that keeps nothing of size N·V must read the inputs again in the
+            # backward: its forward+backward cannot beat floor-read + floor-2out (floor-read +
+            # floor-1out for the student gradient only); these bounds as ratios to the floors.
+            both = (floor_ms + floors["floor-2out"]) / floors["floor-2out"]
+            student = (floor_ms + floors["floor-1out"]) / floors["floor-1out"]
+            note = f"forward floor; recompute bound vs floor: {both:.2f} / {student:.2f}"
+        rows.append({"impl": name, "fwdbwd_ms": floor_ms, "note": note})
     for r in rows:
         if r["impl"].startswith("kldiv-"):
             r["fwd_vs_floor"] = r["fwd_ms"] / floors["floor-read"]
             r["fwdbwd_vs_floor"] = r["fwdbwd_ms"] / floors["floor-2out"]
             r["student_vs_floor"] = r["fwdbwd_student_ms"] / floors["floor-1out"]
-    # A forward pass that keeps nothing of size N·V must read the inputs again in the backward:
-    # its forward+backward cannot beat floor-read + floor-2out (or floor-read + floor-1out for
-    # the student gradient only). These bounds, as ratios to the floors the targets use:
-    for r in rows:
-        if r["impl"] == "floor-read":
-            both = (floors["floor-read"] + floors["floor-2out"]) / floors["floor-2out"]
-            student = (floors["floor-read"] + floors["floor-1out"]) / floors["floor-1out"]
-            r["note"] = f"forward floor; recompute bound vs floor: {both:.2f} / {student:.2f}"
     if wanted is None or "torch" in wanted:
         try:
             rows.append(_torch_row(t.astype(jnp.float32), s.astype(jnp.float32), args, progress))
@@ -259,26 +264,20 @@ def run(args, progress) -> list[dict]:
     return rows
 
 
-def _floor_rows(t, s, args, progress) -> list[dict]:
-    """The physical floors, measured in the same run: a jitted function that reads both inputs,
-    computes one exp of each element and writes two outputs of the same size (both gradients),
-    its one-output variant (the student gradient only), and its variant that writes one number
-    per row (``floor-read``: the floor of a forward pass)."""
+def _floors() -> dict:
+    """The physical floors, timed with the candidates: a jitted function that reads both inputs,
+    computes one exp of each element and writes two outputs of the same size (``floor-2out``:
+    both gradients), its one-output variant (``floor-1out``: the student gradient only), and
+    its variant that writes one number per row (``floor-read``: the floor of a forward pass)."""
 
     def exp32(x):
         return jnp.exp(x.astype(jnp.float32))
 
-    cases = (
-        ("floor-2out", jax.jit(lambda a, b: (exp32(a), exp32(b))), "write 2 outputs"),
-        ("floor-1out", jax.jit(lambda a, b: exp32(a) + exp32(b)), "write 1 output"),
-        ("floor-read", jax.jit(lambda a, b: jnp.sum(exp32(a) + exp32(b), -1)), "row sums"),
-    )
-    rows = []
-    for name, f, what in cases:
-        progress(f"{name}: read both, one exp each, {what}")
-        ms = 1e3 * common.timeit(f, t, s, repeats=args.repeats, warmup=args.warmup)
-        rows.append({"impl": name, "fwdbwd_ms": ms, "note": "physical floor (same bytes)"})
-    return rows
+    return {
+        "floor-2out": jax.jit(lambda a, b: (exp32(a), exp32(b))),
+        "floor-1out": jax.jit(lambda a, b: exp32(a) + exp32(b)),
+        "floor-read": jax.jit(lambda a, b: jnp.sum(exp32(a) + exp32(b), -1)),
+    }
 
 
 def _liger_row(gpu: bool) -> dict:
