@@ -231,10 +231,22 @@ def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
 def sum_exp(x: jax.Array, m: jax.Array, axis_name=None) -> jax.Array:
     """Σ exp(x − m) along the last axis (kept), 0 for empty rows: the normaliser of
     :func:`logits_stats` given the row maxima ``m`` from :func:`safe_max`."""
-    return psum(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True), axis_name)
+    return exp_and_sum(x, m, axis_name)[1]
 
 
-def logits_terms(a, b, ma, mb, sa, sb):
+def exp_and_sum(x: jax.Array, m: jax.Array, axis_name=None) -> tuple[jax.Array, jax.Array]:
+    """e^{x − m} and its row sum (:func:`sum_exp`), for callers that pass the exponentials on to
+    :func:`logits_terms` (``exps=``) so that each is formed once.
+
+    That pays where a row is in cache or in registers (a chunk of rows, a kernel's block): the
+    chunked forward computes them once for the normaliser and the terms. On whole arrays it
+    would keep an ``[N, V]`` array of them between the two passes, so the XLA path recomputes.
+    """
+    e = jnp.exp(x - m)
+    return e, psum(jnp.sum(e, axis=-1, keepdims=True), axis_name)
+
+
+def logits_terms(a, b, ma, mb, sa, sb, exps=None):
     """p, q and x/2 = log(p/q)/2 for logit rows given their statistics (:func:`logits_stats`).
 
     x is formed from the error-free centred logits, (a − ma) − (b − mb), minus
@@ -247,6 +259,10 @@ def logits_terms(a, b, ma, mb, sa, sb):
     Rows without support (sa = 0 or sb = 0: every entry −inf or masked) give probabilities 0. A
     row where p has no support also gets q = 0: it contributes 0 to every divergence and its
     gradients, exactly like a row whose entries are all masked.
+
+    ``exps``: (e^{a − ma}, e^{b − mb}) from :func:`exp_and_sum`, or None to form them here (as
+    e^{2·ah}: an expression XLA does not merge with :func:`sum_exp`'s, so that whole arrays are
+    not kept between the passes).
     """
     ah, al = two_diff(0.5 * a, 0.5 * ma)
     bh, bl = two_diff(0.5 * b, 0.5 * mb)
@@ -254,10 +270,10 @@ def logits_terms(a, b, ma, mb, sa, sb):
     sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
     half_log_norm_ratio = 0.5 * jnp.log1p((sa1 - sb1) / sb1)
     xh = ((ah - bh) + (al - bl)) - half_log_norm_ratio
-    # e^{a − ma} (= e^{2·ah}; a − ma ≤ 0 never overflows to a wrong value): the expression
-    # sum_exp uses, so XLA forms each exponential once where both are computed together.
-    p = jnp.exp(a - ma) / sa1
-    q = jnp.where(sa > 0, jnp.exp(b - mb) / sb1, jnp.zeros_like(bh))
+    # e^{a − ma} = e^{2·ah} (a − ma ≤ 0 cannot overflow to a wrong value)
+    ea, eb = (jnp.exp(2 * ah), jnp.exp(2 * bh)) if exps is None else exps
+    p = ea / sa1
+    q = jnp.where(sa > 0, eb / sb1, jnp.zeros_like(bh))
     return p, q, xh
 
 
@@ -332,8 +348,8 @@ def block_kl(a, b, ma, mb, ta, tb) -> BlockKL:
     u = log(sa/sb) = log1p(Σ q·expm1(d)), d the centred log-ratio of each entry, so that it has
     relative accuracy when p ≈ q (the merge needs the blocks' mass ratios to that accuracy).
     """
-    sa, sb = sum_exp(a, ta), sum_exp(b, tb)
-    p, q, xh = logits_terms(a, b, ta, tb, sa, sb)
+    (ea, sa), (eb, sb) = exp_and_sum(a, ta), exp_and_sum(b, tb)
+    p, q, xh = logits_terms(a, b, ta, tb, sa, sb, (ea, eb))
     kl = jnp.sum(logit_kl_terms(p, q, xh), axis=-1, keepdims=True)
     sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
     dh = xh + 0.5 * jnp.log1p((jnp.where(sa > 0, sa, sb1) - sb1) / sb1)  # d/2, centred

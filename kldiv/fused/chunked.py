@@ -21,7 +21,7 @@ into the elementwise loop, and the backward pass multiplies by the transform's d
 where masked).
 
 Temporary memory is O(C·V + N), independent of N·V. The numerics are exactly those of
-``kldiv.discrete`` (``temper_and_mask``, ``_numerics.safe_max``/``sum_exp`` — together
+``kldiv.discrete`` (``temper_and_mask``, ``_numerics.safe_max``/``exp_and_sum`` — together
 ``logits_stats`` —, ``logits_terms`` and ``kl_terms``).
 
 Chunks never need padding: the last chunk starts at N − C (it overlaps the previous one), and
@@ -48,13 +48,13 @@ from kldiv._logits import (
     tempered_row_cotangent,
 )
 from kldiv._numerics import (
+    exp_and_sum,
     kl_logits_grads,
     logit_kl_terms,
-    logits_stats,
     logits_terms,
     match_vma,
     psum,
-    sum_exp,
+    safe_max,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -95,8 +95,9 @@ def kl_rows_with_grads(
     ``kl_from_logits(..., axis_name=)``): row maxima, normalisers and the KL are combined across
     the shards (pmax/psum), the gradients stay local to the shard.
     """
-    stats = logits_stats(a, b, axis_name)
-    p, q, x = logits_terms(a, b, *stats)
+    ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
+    (ea, sa), (eb, sb) = exp_and_sum(a, ma, axis_name), exp_and_sum(b, mb, axis_name)
+    p, q, x = logits_terms(a, b, ma, mb, sa, sb, (ea, eb))  # each exponential formed once
     kl = psum(row_sum(logit_kl_terms(p, q, x)), axis_name)
     ga, gb = kl_logits_grads(p, q, x, kl[:, None])
     return kl, ga, gb
@@ -153,8 +154,9 @@ def _forward(a, b, where, c, t, tr):
             for x, trx in zip((a_, b_), tr, strict=True)
         )
         ma_c, mb_c = tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1])
-        sa, sb = sum_exp(ac, ma_c), sum_exp(bc, mb_c)  # = logits_stats(ac, bc)
-        kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb)))
+        # = logits_stats(ac, bc); the chunk's exponentials, in cache, serve both passes
+        (ea, sa), (eb, sb) = exp_and_sum(ac, ma_c), exp_and_sum(bc, mb_c)
+        kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb, (ea, eb))))
         new = (kl, sa, sb, ca, cb)
         out = tuple(put_rows(buf, v, start) for buf, v in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
