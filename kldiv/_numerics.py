@@ -224,8 +224,15 @@ def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
     ``axis_name`` the last axis is a shard of a vocabulary split over that mapped axis, and the
     statistics are global.
     """
+    return logits_stats_and_exps(a, b, axis_name)[0]
+
+
+def logits_stats_and_exps(a: jax.Array, b: jax.Array, axis_name=None):
+    """``((ma, mb, sa, sb), (ea, eb))``: :func:`logits_stats` and the exponentials it summed,
+    for :func:`logits_terms` on a chunk of rows (see :func:`exp_and_sum`)."""
     ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
-    return ma, mb, sum_exp(a, ma, axis_name), sum_exp(b, mb, axis_name)
+    (ea, sa), (eb, sb) = exp_and_sum(a, ma, axis_name), exp_and_sum(b, mb, axis_name)
+    return (ma, mb, sa, sb), (ea, eb)
 
 
 def sum_exp(x: jax.Array, m: jax.Array, axis_name=None) -> jax.Array:

@@ -51,10 +51,10 @@ from kldiv._numerics import (
     exp_and_sum,
     kl_logits_grads,
     logit_kl_terms,
+    logits_stats_and_exps,
     logits_terms,
     match_vma,
     psum,
-    safe_max,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -95,9 +95,8 @@ def kl_rows_with_grads(
     ``kl_from_logits(..., axis_name=)``): row maxima, normalisers and the KL are combined across
     the shards (pmax/psum), the gradients stay local to the shard.
     """
-    ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
-    (ea, sa), (eb, sb) = exp_and_sum(a, ma, axis_name), exp_and_sum(b, mb, axis_name)
-    p, q, x = logits_terms(a, b, ma, mb, sa, sb, (ea, eb))  # each exponential formed once
+    stats, exps = logits_stats_and_exps(a, b, axis_name)
+    p, q, x = logits_terms(a, b, *stats, exps)  # each exponential formed once
     kl = psum(row_sum(logit_kl_terms(p, q, x)), axis_name)
     ga, gb = kl_logits_grads(p, q, x, kl[:, None])
     return kl, ga, gb

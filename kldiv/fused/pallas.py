@@ -365,4 +365,4 @@ def _gathered_rows(rows, axes, a, b, where):
         return whole != 0 if boolean else whole
 
     out = rows(gather(a), gather(b), gather(where)).reshape(p, a.shape[0])
-    return out[jax.lax.axis_index(axes)]
+    return out[idx]
