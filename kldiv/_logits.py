@@ -26,6 +26,7 @@ from kldiv._numerics import (
     logits_terms,
     psum,
     safe_max,
+    safe_max_pair,
     saturate,
 )
 
@@ -165,6 +166,15 @@ def masked_row_max(x, dtype, where=None, axis_name=None):
     return safe_max(jax.lax.stop_gradient(x), axis_name=axis_name)
 
 
+def masked_row_max_pair(a, b, dtype, where=None, axis_name=None):
+    """``(masked_row_max(a, …), masked_row_max(b, …))`` in one pass over both inputs
+    (``_numerics.safe_max_pair``)."""
+    a, b = a.astype(dtype), b.astype(dtype)
+    if where is not None:
+        a, b = jnp.where(where, a, -jnp.inf), jnp.where(where, b, -jnp.inf)
+    return safe_max_pair(a, b, axis_name)
+
+
 def tempered_max(center, temperature, transform: _checks.LogitTransform | None = None):
     """The row maximum of :func:`temper_and_mask`'s output given the raw ``center`` it used: the
     (transformed) center itself at T = 1 (no centring), else 0 (the centred maximum)."""
@@ -274,7 +284,7 @@ def temper_and_mask_pair(
             temper_and_mask(a, dtype, 1.0, where, transform=ta),
             temper_and_mask(b, dtype, 1.0, where, transform=tb),
         )
-    ca, cb = (masked_row_max(x, dtype, where, axis_name) for x in (a, b))
+    ca, cb = masked_row_max_pair(a, b, dtype, where, axis_name)
     return (
         temper_and_mask(a, dtype, temperature, where, ca, ta),
         temper_and_mask(b, dtype, temperature, where, cb, tb),

@@ -209,11 +209,35 @@ def safe_max(x: jax.Array, axis: int = -1, axis_name=None) -> jax.Array:
 
     With ``axis_name`` the maximum is taken across the shards of that mapped axis as well.
     """
-    m = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
+    return _global_finite_max(jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf), axis_name)
+
+
+def _global_finite_max(m: jax.Array, axis_name) -> jax.Array:
+    """Local row maxima → across the shards of ``axis_name`` (when given), 0 where not finite."""
     if axis_name is not None:
         check_axis_name(axis_name)
         m = jax.lax.pmax(m, axis_name)
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+
+
+def safe_max_pair(a: jax.Array, b: jax.Array, axis_name=None) -> tuple[jax.Array, jax.Array]:
+    """``(safe_max(a), safe_max(b))`` of two arrays of one shape, in one variadic reduction.
+
+    XLA emits one reduction per :func:`safe_max`, each a pass of its own over its input; one
+    reduction of the pair reads both rows in a single pass, with the same values. The maxima
+    are centres, never differentiated (every result is invariant to them), hence
+    ``stop_gradient``; a variadic reduction has no derivative rule of its own.
+    """
+    a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+    init = (jnp.array(-jnp.inf, a.dtype), jnp.array(-jnp.inf, b.dtype))
+
+    def both_max(x, y):
+        return jnp.maximum(x[0], y[0]), jnp.maximum(x[1], y[1])
+
+    ma, mb = jax.lax.reduce((a, b), init, both_max, (a.ndim - 1,))
+    return _global_finite_max(ma[..., None], axis_name), _global_finite_max(
+        mb[..., None], axis_name
+    )
 
 
 def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
@@ -230,7 +254,7 @@ def logits_stats(a: jax.Array, b: jax.Array, axis_name=None):
 def logits_stats_and_exps(a: jax.Array, b: jax.Array, axis_name=None):
     """``((ma, mb, sa, sb), (ea, eb))``: :func:`logits_stats` and the exponentials it summed,
     for :func:`logits_terms` on a chunk of rows (see :func:`exp_and_sum`)."""
-    ma, mb = safe_max(a, axis_name=axis_name), safe_max(b, axis_name=axis_name)
+    ma, mb = safe_max_pair(a, b, axis_name)
     (ea, sa), (eb, sb) = exp_and_sum(a, ma, axis_name), exp_and_sum(b, mb, axis_name)
     return (ma, mb, sa, sb), (ea, eb)
 

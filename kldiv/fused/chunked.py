@@ -42,7 +42,7 @@ from kldiv._logits import (
     Transforms,
     kl_logits_aligned,
     masked_logits_cotangent,
-    masked_row_max,
+    masked_row_max_pair,
     temper_and_mask,
     tempered_max,
     tempered_row_cotangent,
@@ -114,13 +114,17 @@ def _pass_through(x, dtype):
     return x if x.dtype == dtype else jax.lax.optimization_barrier(x)
 
 
-def _prepared_rows(x, where, start, c, dtype, t, center=None, transform=None):
-    """Rows [start, start + c) of a stored input as ``temper_and_mask`` defines them, and the
-    raw row maxima they were centred on (computed here, in cache, unless given)."""
+def _prepared_rows(a, b, where, start, c, dtype, t, transforms):
+    """Rows [start, start + c) of both stored inputs as ``temper_and_mask`` defines them, and the
+    raw row maxima they were centred on (computed here, in cache, in one pass over both)."""
     w = None if where is None else rows(where, start, c)
-    xc = rows(x, start, c)
-    center = masked_row_max(xc, dtype, w) if center is None else rows(center, start, c)
-    return temper_and_mask(xc, dtype, t, w, center, transform), center
+    ac, bc = rows(a, start, c), rows(b, start, c)
+    ca, cb = masked_row_max_pair(ac, bc, dtype, w)
+    ta, tb = transforms
+    return (temper_and_mask(ac, dtype, t, w, ca, ta), ca), (
+        temper_and_mask(bc, dtype, t, w, cb, tb),
+        cb,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -148,10 +152,7 @@ def _forward(a, b, where, c, t, tr):
     # The carry: the stored inputs (see _pass_through) and the per-row outputs.
     def body(start, _, carry):
         (a_, b_), out = carry
-        (ac, ca), (bc, cb) = (
-            _prepared_rows(x, where, start, c, dtype, t, None, trx)
-            for x, trx in zip((a_, b_), tr, strict=True)
-        )
+        (ac, ca), (bc, cb) = _prepared_rows(a_, b_, where, start, c, dtype, t, tr)
         ma_c, mb_c = tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1])
         # = logits_stats(ac, bc); the chunk's exponentials, in cache, serve both passes
         (ea, sa), (eb, sb) = exp_and_sum(ac, ma_c), exp_and_sum(bc, mb_c)
