@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BSTAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench bench-full test-slow lint format clean examples gpu-check
+.PHONY: test bench bench-full test-slow lint format clean examples gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,9 +51,22 @@ test-slow: $(STAMP)
 	KLDIV_HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/test_properties.py -m "slow or not slow"
 
-# On a GPU machine (no network there: bring the peers' wheels, see bench/gpu.py).
-gpu-check: $(STAMP)
-	$(BIN)/python -m bench.gpu
+# On a GPU machine, with the Python that has JAX for CUDA there (no venv is built: such a machine
+# often has no network). The peers that JAX/torch images lack travel as wheels: `make gpu-wheels`
+# here puts them in .whl/ (ignored by git); see bench/gpu.py for the commands on the machine.
+GPU_PYTHON ?= python3
+GPU_ARGS ?=
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m bench.gpu $(GPU_ARGS)
+
+# Wheels for Python 3.12 on x86-64 Linux: liger-kernel (needs torch and triton, present on CUDA
+# images), ejkernel and its pure-Python dependencies (its JAX pin is not enforced: --no-deps).
+GPU_WHEELS := liger-kernel==0.8.5 ejkernel==0.0.80.3 beartype==0.23.1 pydantic==2.14.4 \
+	pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels: | $(BIN)/python
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 examples: $(STAMP)
 	$(BIN)/python examples/vae_digits.py

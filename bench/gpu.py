@@ -15,9 +15,13 @@ Runs, in one process and within a few minutes on one H100/H200 (compilation incl
 5. a printed table with the lower bound of each row at the measured copy bandwidth (bytes that
    must be read and written, divided by it), and ``bench/results/gpu.json``.
 
-The GPU machine has no network: bring the wheels of the peers (``pip download liger-kernel
---no-deps`` and its pure-Python dependencies, ejkernel likewise) and install them there; a peer
-that is missing or fails gives a row marked "not installed" or "failed: …", never a crash.
+The GPU machine has no network: ``make gpu-wheels`` (where PyPI is reachable) puts the peers'
+wheels in ``.whl/``; there, ``python3 -m pip install --no-index --no-deps --target /tmp/site
+.whl/*.whl`` and ``PYTHONPATH=/tmp/site make gpu-check`` (the machine's own Python with JAX for
+CUDA; no virtual environment is built). A peer that is missing or fails gives a row marked "not
+installed" or "failed: …", never a crash. The JSON is rewritten after every section, and the
+test subprocess stops after ``--test-timeout`` seconds, so that a run cut short by a time limit
+keeps what it measured.
 
 ``--dry-run`` runs the same code on tiny shapes on whatever backend is there (Pallas in interpret
 mode off GPU), without the test subprocess: ``make test`` runs it so that this script cannot rot.
@@ -32,12 +36,17 @@ import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX takes 75% of the GPU's memory at its first use unless told otherwise; torch (the peers) then
+# runs out of memory beside it, and JAX's peak-memory figures would describe the pool, not the
+# computation. Set before jax is imported; the test subprocess inherits it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import kldiv
-from bench import common
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kldiv  # noqa: E402
+from bench import common  # noqa: E402
 
 FULL_SHAPES = ((8192, 131072), (4096, 151936))
 DRY_SHAPES = ((16, 512),)
@@ -238,12 +247,24 @@ def _liger_linear(ht, wt, hs, ws, beta, args) -> dict:
         }
 
 
-def _test_suites(progress) -> dict:
-    progress("test suites on this backend (pytest subprocess)")
+def _test_suites(progress, timeout_s: float) -> dict:
+    """The discrete and fused suites on this backend, in a subprocess stopped after
+    ``timeout_s`` (its row then says so, and the benchmarks still run)."""
+    progress(f"test suites on this backend (pytest subprocess, at most {timeout_s:.0f} s)")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            "tests/test_discrete.py", "tests/test_fused.py", "tests/test_properties.py"]  # fmt: skip
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        progress_lines = [
+            ln for ln in text.splitlines() if ln and set(ln.split(" [")[0]) <= set(".sxXF")
+        ]
+        done = sum(ln.split(" [")[0].count(".") for ln in progress_lines)
+        return {"case": "test suites", "impl": "pytest", "rc": 124,
+                "seconds": time.perf_counter() - t0,
+                "note": f"timed out after {timeout_s:.0f} s ({done} tests had passed)"}  # fmt: skip
     tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or [""]
     return {"case": "test suites", "impl": "pytest", "rc": out.returncode,
             "seconds": time.perf_counter() - t0, "note": tail[0][:160]}  # fmt: skip
@@ -254,6 +275,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, any backend")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--test-timeout", type=float, default=240, help="seconds for the test subprocess"
+    )
+    parser.add_argument("--no-tests", action="store_true", help="benchmarks only")
     args = parser.parse_args(argv)
     progress = _Progress()
     on_gpu = jax.default_backend() == "gpu"
@@ -261,16 +286,22 @@ def main(argv=None) -> int:
         print("bench.gpu: no GPU backend; use --dry-run to exercise the script", file=sys.stderr)
         return 2
     shapes, linear = (DRY_SHAPES, DRY_LINEAR) if args.dry_run else (FULL_SHAPES, FULL_LINEAR)
-    rows = [] if args.dry_run else [_test_suites(progress)]
+    path = os.path.join(args.out, "gpu_dry_run.json" if args.dry_run else "gpu.json")
+    rows: list[dict] = []
+
+    def save(new_rows):
+        # written after every section, so that a run stopped by a time limit keeps its rows
+        rows.extend(new_rows)
+        common.write_json(path, "gpu", rows, vars(args))
+
+    if not (args.dry_run or args.no_tests):
+        save([_test_suites(progress, args.test_timeout)])
     bw = _bandwidth(2 * shapes[0][0] * shapes[0][1] * 2, args.repeats)
-    rows.append({"case": "copy bandwidth", "impl": "jnp copy", "GB/s": bw / 1e9})
+    save([{"case": "copy bandwidth", "impl": "jnp copy", "GB/s": bw / 1e9}])
     for shape in shapes:
-        rows += _logits_rows(shape, bw, args, progress)
-    rows += _linear_rows(linear, args, progress)
+        save(_logits_rows(shape, bw, args, progress))
+    save(_linear_rows(linear, args, progress))
     print(common.format_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    name = "gpu_dry_run.json" if args.dry_run else "gpu.json"
-    common.write_json(os.path.join(args.out, name), "gpu", rows, vars(args))
     failed = [
         r for r in rows if str(r.get("note", "")).startswith("failed") and "kldiv" in r["impl"]
     ]

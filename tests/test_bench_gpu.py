@@ -25,3 +25,14 @@ def test_gpu_check_dry_run(tmp_path):
             assert r["value_rel_err"] < 1e-5 and r["grad_max_err"] < 1e-4, r
         if "fwd_ms" not in r and "fwdbwd_ms" not in r and r["case"] != "copy bandwidth":
             assert r["note"].startswith(("not installed", "failed")), r
+
+
+def test_test_subprocess_stops_at_its_timeout():
+    """A test run longer than ``--test-timeout`` becomes a row that says so (rc 124), so that the
+    benchmarks after it still run within the machine's time limit."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu import _test_suites
+
+    row = _test_suites(lambda _: None, 2)
+    assert row["rc"] == 124 and row["note"].startswith("timed out after 2 s"), row
+    assert row["seconds"] < 60
