@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BSTAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench bench-full test-slow lint format clean examples gpu-check gpu-wheels
+.PHONY: test bench bench-full profile test-slow lint format clean examples gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: $(BSTAMP)
 bench-full: $(BSTAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.report > bench/results/REPORT.md
+
+# Where the time of the chunked logits KL goes on the CPU: XLA's operations per call, summed over
+# the runtime's threads, and how many cores they kept busy (bench/results/profile.json).
+profile: $(BSTAMP)
+	$(BIN)/python -m bench.profile
 
 # The property suite with a large example budget (make test runs the default budget).
 test-slow: $(STAMP)
