@@ -277,11 +277,21 @@ def exp_and_sum(x: jax.Array, m: jax.Array, axis_name=None) -> tuple[jax.Array, 
     return e, psum(jnp.sum(e, axis=-1, keepdims=True), axis_name)
 
 
+def log_ratio(s: jax.Array, t: jax.Array) -> jax.Array:
+    """log(s/t) for positive s, t: log1p((s − t)/t) where s/t lies in [1/2, 3/2] (relative
+    accuracy as s/t → 1, where log s − log t would cancel), else log s − log t
+    (where 1 + (s − t)/t would lose the bits of a ratio far from 1: up to all of them when the
+    two were summed about different centres, e.g. s/t = e^{−36})."""
+    close = (jnp.abs(s - t) <= 0.5 * t) & jnp.isfinite(t)
+    near = jnp.log1p(jnp.where(close, (s - t) / t, jnp.zeros_like(s)))
+    return jnp.where(close, near, jnp.log(s) - jnp.log(t))
+
+
 def logits_terms(a, b, ma, mb, sa, sb, exps=None):
     """p, q and x/2 = log(p/q)/2 for logit rows given their statistics (:func:`logits_stats`).
 
     x is formed from the error-free centred logits, (a − ma) − (b − mb), minus
-    log(sa/sb) = log1p((sa − sb)/sb), so it keeps relative accuracy when p ≈ q whatever the
+    log(sa/sb) (:func:`log_ratio`), so it keeps relative accuracy when p ≈ q whatever the
     logits' offset; all-row constants only shift x, which moves Σ p·ω(x) at second order. It is
     returned halved (every step scaled by the exact factor ½) so that it stays finite for finite
     logits up to ±3.4e38, whose gaps reach 6.8e38: use it through :func:`logit_kl_terms` and
@@ -299,7 +309,7 @@ def logits_terms(a, b, ma, mb, sa, sb, exps=None):
     bh, bl = two_diff(0.5 * b, 0.5 * mb)
     sa1 = jnp.where(sa > 0, sa, jnp.ones_like(sa))
     sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
-    half_log_norm_ratio = 0.5 * jnp.log1p((sa1 - sb1) / sb1)
+    half_log_norm_ratio = 0.5 * log_ratio(sa1, sb1)
     xh = ((ah - bh) + (al - bl)) - half_log_norm_ratio
     # e^{a − ma} = e^{2·ah} (a − ma ≤ 0 cannot overflow to a wrong value)
     ea, eb = (jnp.exp(2 * ah), jnp.exp(2 * bh)) if exps is None else exps
@@ -383,7 +393,7 @@ def block_kl(a, b, ma, mb, ta, tb) -> BlockKL:
     p, q, xh = logits_terms(a, b, ta, tb, sa, sb, (ea, eb))
     kl = jnp.sum(logit_kl_terms(p, q, xh), axis=-1, keepdims=True)
     sb1 = jnp.where(sb > 0, sb, jnp.ones_like(sb))
-    dh = xh + 0.5 * jnp.log1p((jnp.where(sa > 0, sa, sb1) - sb1) / sb1)  # d/2, centred
+    dh = xh + 0.5 * log_ratio(jnp.where(sa > 0, sa, sb1), sb1)  # d/2, centred
     live = q > 0
     rel = jnp.sum(jnp.where(live, q * jnp.expm1(2 * jnp.where(live, dh, 0)), 0), -1, keepdims=True)
     u = jnp.where((sa > 0) & (sb > 0), jnp.log1p(rel), jnp.log(sa) - jnp.log(sb))

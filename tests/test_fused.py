@@ -196,6 +196,85 @@ def test_chunked_equals_xla_property(shape, chunk, seed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sampled centres: chunks whose first columns cannot centre them are recomputed on the row maxima.
+
+_SAMPLE_CASES = ["gap", "masked-sample", "neg-inf-sample", "nan-outside", "pos-inf", "tiny-t",
+                 "masked-tiny-t", "huge", "empty-row"]  # fmt: skip
+
+
+def _sample_case(case, dtype):
+    """[6, 64] logits (sample: the first 4 columns) where rows 2–3 (the second chunk of two
+    rows) defeat the sampled centres in the way ``case`` names; other rows are plain."""
+    rng = _rng(11)
+    a, b = rng.normal(size=(2, 6, 64)) * 2
+    where, t = None, 1.0
+    if case == "gap":  # e^{1000} overflows float64 as well
+        a[2, 40], b[3, 50] = 1000.0, 1000.0
+    elif case == "masked-sample":  # no live entry in the sample: centred on 0, far above the row
+        where = np.ones(a.shape, bool)
+        where[2, :4] = False
+        a[2, :4] = np.nan  # garbage under the mask
+        a[2] -= 60.0
+    elif case == "neg-inf-sample":
+        b[3, :4] = -np.inf
+        b[3] -= 60.0
+    elif case == "nan-outside":
+        a[2, 30] = np.nan
+    elif case == "pos-inf":
+        b[3, 20] = np.inf
+    elif case == "tiny-t":
+        t = 1e-4
+    elif case == "masked-tiny-t":  # the fallback's row maxima must skip the masked garbage too
+        where = np.ones(a.shape, bool)
+        where[:, 20:24] = False
+        a[:, 20:24], b[:, 20:24] = np.nan, np.inf
+        t = 1e-3
+    elif case == "huge":
+        a[2:4] = rng.uniform(-3e38, 3e38, size=(2, 64))
+        b[2:4] = rng.uniform(-3e38, 3e38, size=(2, 64))
+    elif case == "empty-row":
+        a[2], b[2] = -np.inf, -np.inf
+    return jnp.asarray(a, dtype), jnp.asarray(b, dtype), where, t
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("case", _SAMPLE_CASES)
+def test_chunks_that_defeat_sampled_centres_fall_back_to_xla_semantics(case, dtype):
+    a, b, where, t = _sample_case(case, dtype)
+    assert chunked.centre_columns(a.shape[1]) == 4
+    # The sampled statistics of rows 2–3 are rejected (the fallback runs); those of rows 0–1,
+    # where the sample is ordinary, are kept (the test exercises both branches of the loop).
+    w = None if where is None else jnp.asarray(where)
+    tiny_t = case.endswith("tiny-t")
+    for rows, accepted in ((slice(0, 2), not tiny_t), (slice(2, 4), False)):
+        stats = chunked._chunk_kl(
+            a[rows], b[rows], None if w is None else w[rows], dtype, t, (None, None), 4
+        )
+        assert bool(chunked._accepted(stats[1], stats[2])) == accepted, rows
+
+    def loss(impl):
+        def f(x, y):
+            kl = kldiv.kl_from_logits(x, y, where=w, temperature=t, impl=impl)
+            return jnp.sum(jnp.where(jnp.isfinite(kl), kl, 0.0) * jnp.arange(1, 7))
+
+        return jax.value_and_grad(f, (0, 1))
+
+    want_rows = kldiv.kl_from_logits(a, b, where=w, temperature=t, impl="xla")
+    rtol = 2e-5 if dtype == jnp.float32 else 1e-12
+    for chunk in (2, 3, None):  # chunks of two rows; chunks across the edge; one chunk
+        got_rows = jax.jit(
+            lambda x, y, chunk=chunk: chunked.kl_logits_chunked(
+                x, y, where=w, temperature=t, chunk_size=chunk
+            )
+        )(a, b)
+        np.testing.assert_allclose(got_rows, want_rows, rtol=rtol, atol=0)
+    got, want = loss("chunked")(a, b), loss("xla")(a, b)
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol)
+    for g1, g2 in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=rtol, atol=rtol * 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # Storage dtypes, masks and temperatures applied inside the fused paths (per chunk / block).
 
 

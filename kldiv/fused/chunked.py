@@ -3,9 +3,15 @@
 The naive composition (log-softmax of both logits, KL, autodiff) keeps several ``[N, V]``
 float32 arrays alive for the backward pass and reads the logits many times. Here:
 
-* forward: one pass over the inputs, a loop over chunks of ``C`` rows that computes the row
-  maxima, Σexp of both rows and the KL terms while the chunk is in cache. Saved for the backward
-  pass: the inputs (as given) and four numbers per row (maxima, Σexp) and the KL, O(N).
+* forward: one pass over the inputs, a loop over chunks of ``C`` rows that computes Σexp of
+  both rows and the KL terms while the chunk is in cache. The rows are centred on the maxima of
+  their first V/16 columns (``centre_columns``), not on the row maxima, which would need a pass
+  of their own over the chunk: every result is invariant to the centre (the centred logits are
+  error-free; ``_numerics.log_ratio`` keeps log(Σexp_a/Σexp_b) accurate however far apart the
+  sums are) unless an entry overflows above it. A chunk where that happens, or whose sample
+  holds no live entry or a NaN (``_accepted``), is recomputed on its row maxima, so every edge
+  is that of the XLA path. Saved for the backward pass: the inputs (as given) and four numbers
+  per row (centres, Σexp) and the KL, O(N).
 * backward: both gradients from the saved statistics in elementwise passes,
 
       ∂KL/∂a = p·(x − KL),   ∂KL/∂b = q − p,   x = log(p/q)   (``_numerics.kl_logits_grads``),
@@ -114,17 +120,74 @@ def _pass_through(x, dtype):
     return x if x.dtype == dtype else jax.lax.optimization_barrier(x)
 
 
-def _prepared_rows(a, b, where, start, c, dtype, t, transforms):
-    """Rows [start, start + c) of both stored inputs as ``temper_and_mask`` defines them, and the
-    raw row maxima they were centred on (computed here, in cache, in one pass over both)."""
-    w = None if where is None else rows(where, start, c)
-    ac, bc = rows(a, start, c), rows(b, start, c)
-    ca, cb = masked_row_max_pair(ac, bc, dtype, w)
+# Columns whose maxima centre a chunk's rows first: the first 1/CENTRE_SAMPLE_FRACTION of them.
+CENTRE_SAMPLE_FRACTION = 16
+
+
+def centre_columns(v: int) -> int:
+    """How many leading columns the sampled centres of a chunk are taken over (at least 1)."""
+    return max(1, v // CENTRE_SAMPLE_FRACTION)
+
+
+def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
+    """(KL, Σexp of a, Σexp of b, centre of a, centre of b) of one chunk of stored rows.
+
+    The rows are centred on the raw maxima of their first ``cols`` columns (all of them when
+    ``cols`` is None: the row maxima) and put through ``temper_and_mask``; every result is
+    invariant to the centres except for overflow, which :func:`_accepted` detects.
+    """
+    ws = w if w is None or cols is None else w[:, :cols]
+    a_s, b_s = (ac, bc) if cols is None else (ac[:, :cols], bc[:, :cols])
+    ca, cb = masked_row_max_pair(a_s, b_s, dtype, ws)
     ta, tb = transforms
-    return (temper_and_mask(ac, dtype, t, w, ca, ta), ca), (
-        temper_and_mask(bc, dtype, t, w, cb, tb),
-        cb,
-    )
+    xa = temper_and_mask(ac, dtype, t, w, ca, ta)
+    xb = temper_and_mask(bc, dtype, t, w, cb, tb)
+    ma, mb = tempered_max(ca, t, ta), tempered_max(cb, t, tb)
+    # = logits_stats(xa, xb); the chunk's exponentials, in cache, serve both passes
+    (ea, sa), (eb, sb) = exp_and_sum(xa, ma), exp_and_sum(xb, mb)
+    kl = row_sum(logit_kl_terms(*logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb))))
+    return kl, sa, sb, ca, cb
+
+
+def _accepted(sa, sb):
+    """Whether sampled centres served every row of a chunk: both normalisers finite and ≥ 1.
+
+    A centre that is an entry of its row contributes e^0 = 1 to its Σexp, so a sum below 1 (or
+    NaN) means that the sample held no live entry (all masked or −inf) or a NaN; a sum of +inf,
+    that some entry lay more than the dtype's exponent range above the centre (huge logits, a
+    tiny T). Such chunks are recomputed on their row maxima, the exact semantics of every path.
+    """
+    return jnp.all(jnp.isfinite(sa) & (sa >= 1) & jnp.isfinite(sb) & (sb >= 1))
+
+
+# The fallback of a chunk whose sampled centres failed works through it in this many parts, so
+# that its temporaries (a branch of its own, which XLA does not overlap with the loop body's)
+# add a fraction of a chunk to the memory, not a second chunk.
+_FALLBACK_PARTS = 8
+
+
+def _exact_chunk_kl(a, b, where, first, c, dtype, t, transforms):
+    """:func:`_chunk_kl` of rows [first, first + c) of the stored inputs on their row maxima, in
+    parts of those rows (the inputs ride in the carry, as in the main loop: ``_pass_through``)."""
+    part = max(1, -(-c // _FALLBACK_PARTS))
+
+    def body(start, _, carry):
+        (a_, b_), out = carry
+        at = first + start
+        wp = None if where is None else rows(where, at, part)
+        new = _chunk_kl(rows(a_, at, part), rows(b_, at, part), wp, dtype, t, transforms, None)
+        out = tuple(put_rows(buf, x, start) for buf, x in zip(out, new, strict=True))
+        return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
+
+    return for_each_chunk(c, part, body, ((a, b), _row_outputs(c, dtype, a, b, where)))[1]
+
+
+def _row_outputs(n, dtype, *like):
+    """Zeroed per-row outputs of :func:`_chunk_kl` for ``n`` rows (KL ``[n]``, the rest
+    ``[n, 1]``), varying over the mapped axes of ``like`` as the loop's values do (inside
+    ``shard_map``: a loop carry keeps one type)."""
+    zeros = cast(jax.Array, match_vma(jnp.zeros((n,), dtype), *like)[0])
+    return (zeros,) + (zeros[:, None],) * 4
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -146,24 +209,35 @@ def _forward(a, b, where, c, t, tr):
     n = a.shape[0]
     dtype = compute_dtype(a, b)
 
-    # One pass over the inputs: each chunk of rows is read once and kept in cache while its row
-    # maxima (the centres of temper_and_mask), Σexp and KL terms are computed (no first pass
-    # over the whole arrays for their maxima; `python -m bench --suites logits` times it).
+    # One pass over the inputs from memory: each chunk of rows is read once and kept in cache
+    # while its Σexp and KL terms are computed. The rows are centred on the maxima of their
+    # first columns (a 1/16 sample, read first), not on the row maxima: those would take a
+    # pass of their own over the whole chunk, and any centre gives the same values (the
+    # centred logits are error-free, all-row constants cancel) unless an entry overflows above
+    # it — then, or where the sample holds no live entry, the chunk is recomputed on its row
+    # maxima (`python -m bench.designs` times both designs).
     # The carry: the stored inputs (see _pass_through) and the per-row outputs.
+    cols = centre_columns(a.shape[1]) if centre_columns(a.shape[1]) < a.shape[1] else None
+
     def body(start, _, carry):
         (a_, b_), out = carry
-        (ac, ca), (bc, cb) = _prepared_rows(a_, b_, where, start, c, dtype, t, tr)
-        ma_c, mb_c = tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1])
-        # = logits_stats(ac, bc); the chunk's exponentials, in cache, serve both passes
-        (ea, sa), (eb, sb) = exp_and_sum(ac, ma_c), exp_and_sum(bc, mb_c)
-        kl = row_sum(logit_kl_terms(*logits_terms(ac, bc, ma_c, mb_c, sa, sb, (ea, eb))))
-        new = (kl, sa, sb, ca, cb)
-        out = tuple(put_rows(buf, v, start) for buf, v in zip(out, new, strict=True))
+        w = None if where is None else rows(where, start, c)
+        ac, bc = rows(a_, start, c), rows(b_, start, c)
+        new = _chunk_kl(ac, bc, w, dtype, t, tr, cols)
+        if cols is not None:
+            new = jax.lax.cond(
+                _accepted(new[1], new[2]),
+                lambda: new,
+                # from the stored inputs, not from the slices: a slice handed into a branch
+                # would be materialised (two chunk-sized copies on every iteration)
+                lambda: _exact_chunk_kl(a_, b_, where, start, c, dtype, t, tr),
+            )
+        out = tuple(put_rows(buf, x, start) for buf, x in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
-    zeros = jnp.zeros((n,), dtype)
-    init = (zeros,) + (zeros[:, None],) * 4
-    kl, sa, sb, ca, cb = for_each_chunk(n, c, body, ((a, b), init))[1]
+    kl, sa, sb, ca, cb = for_each_chunk(n, c, body, ((a, b), _row_outputs(n, dtype, a, b, where)))[
+        1
+    ]
     return kl, (a, b, where, kl, ca, cb, sa, sb)
 
 

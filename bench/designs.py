@@ -1,0 +1,169 @@
+"""Command line: ``python -m bench.designs [--n N] [--v V] [--repeats R] [--out DIR]``.
+
+What other designs of the chunked forward pass would cost and how accurate they would be, timed
+in one interleaved run with the shipped path and the logits suite's floors (same inputs as
+``bench/suites/logits.py``). Each variant is the chunked forward (``kldiv/fused/chunked.py``:
+chunks of ``chunk_rows`` rows, in cache) without masks, temperature or logit transforms, built
+from the shared numerics of ``kldiv/_numerics.py``:
+
+* ``row maxima, two-pass`` — the design before the sampled centres: per chunk the row maxima
+  (a pass of its own over the chunk), then e^{x − max} and Σexp of both rows, then the terms
+  p·ω(x) with x = log(p/q) formed from the error-free centred logits and the normalisers
+  (``logits_terms``, ``logit_kl_terms``).
+* ``sampled centre, two-pass`` — the shipped design (``kldiv-chunked``,
+  ``kl_from_logits(impl="chunked")``) without its overflow test and fallback: the same, centred
+  on the maxima of the chunk's first V/16 columns (``chunked.centre_columns``). The gap to
+  ``kldiv-chunked`` is what the test costs on inputs that never need the fallback (these
+  inputs' logits span about ±10).
+* ``row maxima, one-pass shifted`` — the shifted form KL = Σ p·ω(d − c̃) − ω(c − c̃) (d the
+  centred log-ratio of the entries, c = log(Σe^{a−ma}/Σe^{b−mb}), here c̃ = 0): after the
+  maxima, one pass forms Σexp of both rows and Σ e^{a−ma}·ω(d) together, with no second pass
+  over the row.
+* ``sampled centre, one-pass shifted`` — both changes.
+
+Columns: the forward's median time and its ratio to ``floor-read``; the float32 error against a
+float64 reference on nearly equal distributions (KL ≈ 1e-8 per row, the logits suite's
+``_near_inputs``: median and largest relative error, negative values); and, derived from
+figures of the same run, the forward+backward time that kldiv's backward (measured:
+``kldiv-chunked`` forward+backward minus its forward) would give with this forward, and its
+ratio to ``floor-2out``. The backward does not depend on the forward's design (it reads the same
+residuals: centres, normalisers, KL). Writes ``DIR/designs.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+
+_DESIGNS = (
+    "row maxima, two-pass",
+    "sampled centre, two-pass",
+    "row maxima, one-pass shifted",
+    "sampled centre, one-pass shifted",
+)
+
+
+def design_forward(design: str, n: int, v: int):
+    """The per-row KL of the chunked forward in ``design`` (one of ``_DESIGNS``), jitted."""
+    from kldiv._numerics import (
+        exp_and_sum,
+        kl_terms,
+        logit_kl_terms,
+        logits_terms,
+        omega,
+        safe_max_pair,
+        two_diff,
+    )
+    from kldiv.fused._rows import for_each_chunk, put_rows, rows
+    from kldiv.fused.chunked import centre_columns, chunk_rows, row_sum
+
+    if design not in _DESIGNS:
+        raise ValueError(f"design must be one of {_DESIGNS}, got {design!r}")
+    c = chunk_rows(n, v, jnp.float32)
+    sample = centre_columns(v)
+
+    def centres(ac, bc):
+        if design.startswith("sampled centre"):
+            return safe_max_pair(ac[:, :sample], bc[:, :sample])
+        return safe_max_pair(ac, bc)
+
+    def chunk_kl(ac, bc):
+        ma, mb = centres(ac, bc)
+        if design.endswith("two-pass"):
+            (ea, sa), (eb, sb) = exp_and_sum(ac, ma), exp_and_sum(bc, mb)
+            return row_sum(logit_kl_terms(*logits_terms(ac, bc, ma, mb, sa, sb, (ea, eb))))
+        ah, al = two_diff(ac, ma)
+        bh, bl = two_diff(bc, mb)
+        d = (ah - bh) + (al - bl)  # centred log-ratio, error-free
+        ea, eb = jnp.exp(ah), jnp.exp(bh)
+        sa, sb = jnp.sum(ea, -1), jnp.sum(eb, -1)
+        shifted = row_sum(kl_terms(ea, eb, d))  # Σ e^{a−ma}·ω(d), unnormalised
+        log_ratio = jnp.log1p((sa - sb) / sb)  # c
+        return shifted / sa - omega(log_ratio)
+
+    def forward(a, b):
+        def body(start, _, out):
+            return put_rows(out, chunk_kl(rows(a, start, c), rows(b, start, c)), start)
+
+        return for_each_chunk(n, c, body, jnp.zeros((n,), jnp.float32))
+
+    return jax.jit(forward)
+
+
+def _errors(fn, t_near, s_near, ref) -> tuple[float, float, int]:
+    vals = np.asarray(fn(jnp.asarray(t_near), jnp.asarray(s_near)), np.float64)
+    rel = np.abs(vals - ref) / ref
+    return float(np.median(rel)), float(rel.max()), int((vals < 0).sum())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.designs", description=__doc__)
+    parser.add_argument("--n", type=int, default=1024, help="rows (tokens)")
+    parser.add_argument("--v", type=int, default=32768, help="vocabulary size")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="bench/results", help="directory for designs.json")
+    args = parser.parse_args(argv)
+
+    import kldiv
+    from bench.suites.logits import _floors, _inputs, _near_inputs, _reference_f64
+
+    n, v = args.n, args.v
+    t, s = _inputs(n, v, jnp.float32)
+
+    def shipped(a, b):
+        return kldiv.kl_from_logits(a, b, impl="chunked")
+
+    def shipped_total(a, b):
+        return jnp.sum(shipped(a, b))
+
+    fwd = {"kldiv-chunked": jax.jit(shipped)}
+    fwd.update({d: design_forward(d, n, v) for d in _DESIGNS})
+    floors = _floors()
+    fns = {
+        **fwd,
+        "kldiv-chunked fwd+bwd": jax.jit(jax.value_and_grad(shipped_total, argnums=(0, 1))),
+        "floor-read": floors["floor-read"],
+        "floor-2out": floors["floor-2out"],
+    }
+    print(f"timing {len(fns)} functions, {args.repeats} rounds ...", file=sys.stderr, flush=True)
+    times = common.timeit_interleaved(fns, t, s, repeats=args.repeats, warmup=args.warmup)
+    ms = {k: 1e3 * x for k, x in times.items()}
+    backward = ms["kldiv-chunked fwd+bwd"] - ms["kldiv-chunked"]
+
+    tn, sn = _near_inputs(n, v)
+    ref = _reference_f64(tn, sn)
+    shipped_value = np.asarray(fwd["kldiv-chunked"](t, s), np.float64)
+    rows = []
+    for name, fn in fwd.items():
+        med, worst, neg = _errors(fn, tn, sn, ref)
+        value = np.asarray(fn(t, s), np.float64)
+        rows.append(
+            {
+                "design": name,
+                "fwd_ms": ms[name],
+                "fwd_vs_floor_read": ms[name] / ms["floor-read"],
+                "rel_err_median": med,
+                "rel_err_max": worst,
+                "negative": neg,
+                "vs_shipped": float(np.max(np.abs(value - shipped_value) / shipped_value)),
+                "fwdbwd_ms_derived": ms[name] + backward,
+                "fwdbwd_vs_floor_2out_derived": (ms[name] + backward) / ms["floor-2out"],
+            }
+        )
+    for name in ("kldiv-chunked fwd+bwd", "floor-read", "floor-2out"):
+        rows.append({"design": name, "fwd_ms": ms[name]})
+    print(f"\n### chunked forward designs, [{n}, {v}] float32 (KL ≈ 1e-8 for the errors)\n")
+    print(common.format_table(rows))
+    common.write_json(f"{args.out}/designs.json", "designs", rows, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
