@@ -70,7 +70,10 @@ def _renyi_inf_rule(pair: Pair) -> Rule:
     gp = zero_nonfinite(jnp.where(p > 0, e / jnp.where(p > 0, p, 1) - 1, 0))
     gq = zero_nonfinite(jnp.where(q > 0, 1 - e / jnp.where(q > 0, q, 1), 0))
     hp, hq = jnp.where(keep, e - p, 0), jnp.where(keep, q - e, 0)
-    return Rule(jnp.where(empty, 0, top), gp, gq, hp, hq, centred=True)
+    # max log(p/q) ≥ 0 for normalised p, q (both sum to 1); clamp the rounding of the centred
+    # log-ratios (e.g. −1.6e-17 for p ≈ q in float64), NaN propagates through the maximum.
+    value = jnp.where(empty, 0, jnp.maximum(top, 0))
+    return Rule(value, gp, gq, hp, hq, centred=True)
 
 
 def _renyi_zero_rule(pair: Pair) -> Rule:
