@@ -113,17 +113,6 @@ def kl_terms(p: jax.Array, q: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.where(small, series, direct), 0)
 
 
-def log_ratio_probs(p: jax.Array, q: jax.Array) -> jax.Array:
-    """log(p/q) for p, q ≥ 0, accurate when p ≈ q (via log1p of the exact difference)."""
-    q_safe = jnp.where(q > 0, q, jnp.ones_like(q))
-    p_safe = jnp.where(p > 0, p, jnp.ones_like(p))
-    close = (q > 0) & (jnp.abs(p - q) <= 0.5 * q)
-    near = jnp.log1p(jnp.where(close, (p - q) / q_safe, jnp.zeros_like(p)))
-    far = jnp.log(p_safe) - jnp.log(q_safe)
-    far = jnp.where(p > 0, jnp.where(q > 0, far, jnp.inf), jnp.where(q > 0, -jnp.inf, jnp.nan))
-    return jnp.where(close, near, far)
-
-
 def check_axis_name(axis_name) -> None:
     """ValueError naming ``axis_name`` unless each of its names is bound here (inside
     ``jax.shard_map``, ``pmap`` or ``vmap`` with that axis name); JAX's own error is a bare
@@ -277,14 +266,25 @@ def exp_and_sum(x: jax.Array, m: jax.Array, axis_name=None) -> tuple[jax.Array, 
     return e, psum(jnp.sum(e, axis=-1, keepdims=True), axis_name)
 
 
-def log_ratio(s: jax.Array, t: jax.Array) -> jax.Array:
-    """log(s/t) for positive s, t: log1p((s − t)/t) where s/t lies in [1/2, 3/2] (relative
-    accuracy as s/t → 1, where log s − log t would cancel), else log s − log t
-    (where 1 + (s − t)/t would lose the bits of a ratio far from 1: up to all of them when the
-    two were summed about different centres, e.g. s/t = e^{−36})."""
-    close = (jnp.abs(s - t) <= 0.5 * t) & jnp.isfinite(t)
-    near = jnp.log1p(jnp.where(close, (s - t) / t, jnp.zeros_like(s)))
-    return jnp.where(close, near, jnp.log(s) - jnp.log(t))
+def log_ratio(p: jax.Array, q: jax.Array) -> jax.Array:
+    """log(p/q) for p, q ≥ 0 (probabilities, densities, sums of exponentials), accurate as p/q → 1
+    and far from it.
+
+    log1p((p − q)/q) where p/q lies in [1/2, 3/2] (relative accuracy as p/q → 1, where
+    log p − log q would cancel), else log p − log q (where 1 + (p − q)/q would lose the bits of a
+    ratio far from 1: up to all of them for sums about different centres, e.g. p/q = e^{−36}).
+    Edges: p = 0 < q gives −inf, q = 0 < p gives +inf, p = q = 0 gives NaN (callers decide what
+    an empty pair means), q = +inf gives −inf for finite p; NaN propagates.
+    """
+    close = (q > 0) & jnp.isfinite(q) & (jnp.abs(p - q) <= 0.5 * q)
+    q_near = jnp.where(close, q, jnp.ones_like(q))
+    near = jnp.log1p(jnp.where(close, (p - q) / q_near, jnp.zeros_like(p)))
+    p_safe = jnp.where(p == 0, jnp.ones_like(p), p)
+    q_safe = jnp.where(q == 0, jnp.ones_like(q), q)
+    far = jnp.log(p_safe) - jnp.log(q_safe)
+    edge = jnp.where(p == 0, jnp.where(q == 0, jnp.nan, -jnp.inf), jnp.inf)
+    far = jnp.where(((p == 0) | (q == 0)) & ~(jnp.isnan(p) | jnp.isnan(q)), edge, far)
+    return jnp.where(close, near, far)
 
 
 def logits_terms(a, b, ma, mb, sa, sb, exps=None):

@@ -39,7 +39,7 @@ from kldiv._logits import (
     static_temperature,
     temper_and_mask_pair,
 )
-from kldiv._numerics import kl_terms, log_ratio_probs, saturate
+from kldiv._numerics import kl_terms, log_ratio, saturate
 from kldiv.fused.chunked import kl_logits_chunked
 
 __all__ = ["LOGIT_IMPLS", "choose_logits_impl", "kl", "kl_from_log_probs", "kl_from_logits"]
@@ -58,14 +58,14 @@ LOGIT_IMPLS: tuple[str, ...] = ("auto", "xla", "chunked", "pallas")
 
 @jax.custom_jvp
 def _kl_probs_core(p, q):
-    return jnp.sum(kl_terms(p, q, log_ratio_probs(p, q)), axis=-1)
+    return jnp.sum(kl_terms(p, q, log_ratio(p, q)), axis=-1)
 
 
 @_kl_probs_core.defjvp
 def _kl_probs_jvp(primals, tangents):
     p, q = primals
     dp, dq = tangents
-    x = log_ratio_probs(p, q)
+    x = log_ratio(p, q)
     out = jnp.sum(kl_terms(p, q, x), axis=-1)
     # d/dp = log(p/q) (0 at p = 0, the gradient of the 0·log 0 = 0 convention); d/dq = 1 − p/q.
     gp = saturate(jnp.where(p > 0, jnp.where(p > 0, x, 0), 0))

@@ -90,6 +90,16 @@ def test_log_ratio_is_accurate_near_one_and_far_from_it(dtype):
         jnp.asarray([1, 1, np.inf, np.inf], dtype),
     )
     assert np.isnan(odd[0]) and odd[1] == np.inf and odd[2] == -np.inf and np.isnan(odd[3])
+    # zeros: the probabilities' edges (p = 0 < q: −inf, q = 0 < p: +inf, both 0: NaN)
+    zeros = log_ratio(
+        jnp.asarray([0.0, 0.5, 0.0, np.nan], dtype), jnp.asarray([0.5, 0, 0, 0], dtype)
+    )
+    assert zeros[0] == -np.inf and zeros[1] == np.inf and np.isnan(zeros[2]) and np.isnan(zeros[3])
+    # the gradient is finite away from the edges and never NaN at them (safe branches)
+    g = jax.grad(lambda p: jnp.sum(log_ratio(p, jnp.asarray(0.5, dtype))))(
+        jnp.asarray([0, 0.5, 1.0], dtype)
+    )
+    np.testing.assert_allclose(g, [0.0, 2.0, 1.0], rtol=8 * eps)
 
 
 def test_saturate():

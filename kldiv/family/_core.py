@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from kldiv import _checks, discrete
 from kldiv._logits import kl_logits_core, prepare_logits, prepare_pair
-from kldiv._numerics import log_ratio_probs, logits_stats, logits_terms, psum
+from kldiv._numerics import log_ratio, logits_stats, logits_terms, psum
 
 __all__: list[str] = []
 
@@ -59,7 +59,7 @@ def _diff_from_ratio(p, q, d):
 
 def pair_from_probs(p, q):
     lp, lq = safe_log(p), safe_log(q)
-    return Pair(p, q, lp, lq, _clean_ratio(log_ratio_probs(p, q), lp, lq), p - q)
+    return Pair(p, q, lp, lq, _clean_ratio(log_ratio(p, q), lp, lq), p - q)
 
 
 def pair_from_log_probs(lp, lq):
