@@ -166,20 +166,34 @@ def _accepted(sa, sb):
 _FALLBACK_PARTS = 8
 
 
-def _exact_chunk_kl(a, b, where, first, c, dtype, t, transforms):
-    """:func:`_chunk_kl` of rows [first, first + c) of the stored inputs on their row maxima, in
-    parts of those rows (the inputs ride in the carry, as in the main loop: ``_pass_through``)."""
+def _rows_kl(a, b, where, first, n, c, dtype, t, transforms, cols):
+    """:func:`_chunk_kl` of rows [first, first + n) of the stored inputs, in chunks of ``c``
+    rows, as per-row outputs (KL ``[n]``, Σexp and centres ``[n, 1]``).
+
+    ``cols``: the sampled centres' columns (see :func:`centre_columns`), or None for the row
+    maxima. With a sample, a chunk that :func:`_accepted` rejects is recomputed on its row
+    maxima, in ``_FALLBACK_PARTS`` parts (by this function, without a sample). The inputs ride
+    in the carry (``_pass_through``).
+    """
     part = max(1, -(-c // _FALLBACK_PARTS))
 
     def body(start, _, carry):
         (a_, b_), out = carry
         at = first + start
-        wp = None if where is None else rows(where, at, part)
-        new = _chunk_kl(rows(a_, at, part), rows(b_, at, part), wp, dtype, t, transforms, None)
+        w = None if where is None else rows(where, at, c)
+        new = _chunk_kl(rows(a_, at, c), rows(b_, at, c), w, dtype, t, transforms, cols)
+        if cols is not None:
+            new = jax.lax.cond(
+                _accepted(new[1], new[2]),
+                lambda: new,
+                # from the stored inputs, not from the slices: a slice handed into a branch
+                # would be materialised (two chunk-sized copies on every iteration)
+                lambda: _rows_kl(a_, b_, where, at, c, part, dtype, t, transforms, None),
+            )
         out = tuple(put_rows(buf, x, start) for buf, x in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
-    return for_each_chunk(c, part, body, ((a, b), _row_outputs(c, dtype, a, b, where)))[1]
+    return for_each_chunk(n, c, body, ((a, b), _row_outputs(n, dtype, a, b, where)))[1]
 
 
 def _row_outputs(n, dtype, *like):
@@ -206,9 +220,8 @@ def _kl_rows_fwd(a, b, where, c, t, tr):
 
 
 def _forward(a, b, where, c, t, tr):
-    n = a.shape[0]
+    n, v = a.shape
     dtype = compute_dtype(a, b)
-
     # One pass over the inputs from memory: each chunk of rows is read once and kept in cache
     # while its Σexp and KL terms are computed. The rows are centred on the maxima of their
     # first columns (a 1/16 sample, read first), not on the row maxima: those would take a
@@ -216,28 +229,8 @@ def _forward(a, b, where, c, t, tr):
     # centred logits are error-free, all-row constants cancel) unless an entry overflows above
     # it — then, or where the sample holds no live entry, the chunk is recomputed on its row
     # maxima (`python -m bench.designs` times both designs).
-    # The carry: the stored inputs (see _pass_through) and the per-row outputs.
-    cols = centre_columns(a.shape[1]) if centre_columns(a.shape[1]) < a.shape[1] else None
-
-    def body(start, _, carry):
-        (a_, b_), out = carry
-        w = None if where is None else rows(where, start, c)
-        ac, bc = rows(a_, start, c), rows(b_, start, c)
-        new = _chunk_kl(ac, bc, w, dtype, t, tr, cols)
-        if cols is not None:
-            new = jax.lax.cond(
-                _accepted(new[1], new[2]),
-                lambda: new,
-                # from the stored inputs, not from the slices: a slice handed into a branch
-                # would be materialised (two chunk-sized copies on every iteration)
-                lambda: _exact_chunk_kl(a_, b_, where, start, c, dtype, t, tr),
-            )
-        out = tuple(put_rows(buf, x, start) for buf, x in zip(out, new, strict=True))
-        return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
-
-    kl, sa, sb, ca, cb = for_each_chunk(n, c, body, ((a, b), _row_outputs(n, dtype, a, b, where)))[
-        1
-    ]
+    cols = centre_columns(v)
+    kl, sa, sb, ca, cb = _rows_kl(a, b, where, 0, n, c, dtype, t, tr, cols if cols < v else None)
     return kl, (a, b, where, kl, ca, cb, sa, sb)
 
 
