@@ -254,16 +254,66 @@ def sum_exp(x: jax.Array, m: jax.Array, axis_name=None) -> jax.Array:
     return exp_and_sum(x, m, axis_name)[1]
 
 
-def exp_and_sum(x: jax.Array, m: jax.Array, axis_name=None) -> tuple[jax.Array, jax.Array]:
+def exp_and_sum(
+    x: jax.Array, m: jax.Array, axis_name=None, compensated: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """e^{x − m} and its row sum (:func:`sum_exp`), for callers that pass the exponentials on to
     :func:`logits_terms` (``exps=``) so that each is formed once.
 
     That pays where a row is in cache or in registers (a chunk of rows, a kernel's block): the
     chunked forward computes them once for the normaliser and the terms. On whole arrays it
     would keep an ``[N, V]`` array of them between the two passes, so the XLA path recomputes.
+
+    ``compensated``: e^{x − m} formed from the error-free x − m = hi + lo (:func:`two_diff`) as
+    e^{hi}·(1 + lo), for a centre ``m`` that may lie far below the row maximum. Rounding x − m
+    costs e^{x − m} a relative error of up to eps·|x − m|/2: nothing about the row maximum (the
+    entries that dominate the sum lie near it), but eps·15 for an entry 30 above the centre,
+    which a large KL sees at first order in each p, and the gradients in log Σexp
+    (:func:`recentre`).
     """
-    e = jnp.exp(x - m)
+    if compensated:
+        d, lo = two_diff(x, m)
+        e = jnp.exp(d)
+        e = e + e * lo
+    else:
+        e = jnp.exp(x - m)
     return e, psum(jnp.sum(e, axis=-1, keepdims=True), axis_name)
+
+
+def recentre(m: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same row statistics about the row's log-normaliser: (m', s') with s'·e^{m'} = s·e^m to
+    a few ulp, m' = m + log s rounded, and s' within a few ulp of 1.
+
+    :func:`logits_terms` forms log p = (x − m) − log s. About a centre far below the row maximum
+    (s ≫ 1) both parts carry an absolute rounding error of about eps·log s, whatever log p is:
+    the KL sees it only at second order (constants over a row cancel), its gradient
+    p·(log(p/q) − KL) at first order, e.g. eps·30 on the gradient ≈ 0 of a one-hot row. About m'
+    the dominant entries have x − m' ≈ log p, formed exactly (x and m' are close), and log s' is
+    small and accurate, as about the row maximum. m' − m is split error-free (:func:`two_diff`),
+    so that s' = s·e^{−(m' − m)} is formed from exponentials of exact arguments (in two halves
+    where one e^{−(m' − m)} would be subnormal).
+
+    Rows with s = 0 (no support) or a non-finite s or m are returned as they are.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from kldiv._numerics import recentre
+      >>> m, s = recentre(jnp.array([2.0]), jnp.array([jnp.e**3]))
+      >>> print(f"{float(m[0]):.4f} {float(s[0]):.4f}")
+      5.0000 1.0000
+    """
+    ok = (s > 0) & jnp.isfinite(s) & jnp.isfinite(m)
+    m_new = m + jnp.log(jnp.where(ok, s, jnp.ones_like(s)))
+    ok = ok & jnp.isfinite(m_new)
+    m_new = jnp.where(ok, m_new, m)
+    hi, lo = two_diff(m_new, m)
+    # one exponential where e^{−hi} is a normal number (hi ≤ log s < 64 for all but sums near
+    # the dtype's maximum), two halves beyond
+    direct = hi < 64
+    one = jnp.exp(-jnp.where(direct, hi, jnp.zeros_like(hi)))
+    half = jnp.exp(-0.5 * jnp.where(direct, jnp.zeros_like(hi), hi))
+    scaled = jnp.where(direct, s * one, (s * half) * half)
+    return m_new, jnp.where(ok, scaled * jnp.exp(-lo), s)
 
 
 def log_ratio(p: jax.Array, q: jax.Array) -> jax.Array:

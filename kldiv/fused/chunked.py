@@ -10,8 +10,12 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   error-free; ``_numerics.log_ratio`` keeps log(Σexp_a/Σexp_b) accurate however far apart the
   sums are) unless an entry overflows above it. A chunk where that happens, or whose sample
   holds no live entry or a NaN (``_accepted``), is recomputed on its row maxima, so every edge
-  is that of the XLA path. Saved for the backward pass: the inputs (as given) and four numbers
-  per row (centres, Σexp) and the KL, O(N).
+  is that of the XLA path. About a sampled centre the exponentials are compensated for the
+  rounding of x − centre (``_numerics.exp_and_sum``). Saved for the backward pass: the inputs
+  (as given), the KL and four numbers per row, O(N): each row's centre and Σexp, those of an
+  accepted sample moved onto the row's log-normaliser (``_numerics.recentre``), so that the
+  gradients keep the accuracy of the XLA path; where T ≠ 1 also the raw centres
+  (``temper_and_mask`` subtracts them before the division).
 * backward: both gradients from the saved statistics in elementwise passes,
 
       ∂KL/∂a = p·(x − KL),   ∂KL/∂b = q − p,   x = log(p/q)   (``_numerics.kl_logits_grads``),
@@ -46,6 +50,7 @@ from kldiv._checks import compute_dtype
 from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
+    is_unit,
     kl_logits_aligned,
     masked_logits_cotangent,
     masked_row_max_pair,
@@ -61,6 +66,7 @@ from kldiv._numerics import (
     logits_terms,
     match_vma,
     psum,
+    recentre,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -130,11 +136,14 @@ def centre_columns(v: int) -> int:
 
 
 def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
-    """(KL, Σexp of a, Σexp of b, centre of a, centre of b) of one chunk of stored rows.
+    """(KL, Σexp of a, Σexp of b, centre of a, centre of b, raw centres of a and b) of one chunk
+    of stored rows; the raw centres only where T ≠ 1 (``temper_and_mask`` needs them then).
 
     The rows are centred on the raw maxima of their first ``cols`` columns (all of them when
     ``cols`` is None: the row maxima) and put through ``temper_and_mask``; every result is
-    invariant to the centres except for overflow, which :func:`_accepted` detects.
+    invariant to the centres except for overflow, which :func:`_accepted` detects. About a
+    sampled centre the exponentials are compensated (``exp_and_sum(compensated=True)``): the
+    rounding of x − centre would otherwise enter each p with up to eps·(max − centre)/2.
     """
     ws = w if w is None or cols is None else w[:, :cols]
     a_s, b_s = (ac, bc) if cols is None else (ac[:, :cols], bc[:, :cols])
@@ -144,9 +153,24 @@ def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
     xb = temper_and_mask(bc, dtype, t, w, cb, tb)
     ma, mb = tempered_max(ca, t, ta), tempered_max(cb, t, tb)
     # = logits_stats(xa, xb); the chunk's exponentials, in cache, serve both passes
-    (ea, sa), (eb, sb) = exp_and_sum(xa, ma), exp_and_sum(xb, mb)
+    exact = cols is not None
+    (ea, sa), (eb, sb) = (
+        exp_and_sum(xa, ma, compensated=exact),
+        exp_and_sum(xb, mb, compensated=exact),
+    )
     kl = row_sum(logit_kl_terms(*logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb))))
-    return kl, sa, sb, ca, cb
+    return (kl, sa, sb, ma, mb) + (() if is_unit(t) else (ca, cb))
+
+
+def _recentred(stats):
+    """:func:`_chunk_kl`'s outputs with the statistics of each row moved onto its log-normaliser
+    (``_numerics.recentre``), for the backward pass: about a sampled centre far below the row
+    maximum, log p = (x − m) − log s would carry an absolute error of eps·log s (which the
+    gradient p·(x − KL) sees at first order). Rows centred on their maxima need no move
+    (1 ≤ s ≤ V) and keep the XLA path's statistics, bit for bit."""
+    kl, sa, sb, ma, mb, *raw = stats
+    (ma, sa), (mb, sb) = recentre(ma, sa), recentre(mb, sb)
+    return (kl, sa, sb, ma, mb, *raw)
 
 
 def _accepted(sa, sb):
@@ -185,7 +209,7 @@ def _rows_kl(a, b, where, first, n, c, dtype, t, transforms, cols):
         if cols is not None:
             new = jax.lax.cond(
                 _accepted(new[1], new[2]),
-                lambda: new,
+                lambda: _recentred(new),
                 # from the stored inputs, not from the slices: a slice handed into a branch
                 # would be materialised (two chunk-sized copies on every iteration)
                 lambda: _rows_kl(a_, b_, where, at, c, part, dtype, t, transforms, None),
@@ -193,15 +217,15 @@ def _rows_kl(a, b, where, first, n, c, dtype, t, transforms, cols):
         out = tuple(put_rows(buf, x, start) for buf, x in zip(out, new, strict=True))
         return (_pass_through(a_, dtype), _pass_through(b_, dtype)), out
 
-    return for_each_chunk(n, c, body, ((a, b), _row_outputs(n, dtype, a, b, where)))[1]
+    return for_each_chunk(n, c, body, ((a, b), _row_outputs(n, dtype, t, a, b, where)))[1]
 
 
-def _row_outputs(n, dtype, *like):
+def _row_outputs(n, dtype, t, *like):
     """Zeroed per-row outputs of :func:`_chunk_kl` for ``n`` rows (KL ``[n]``, the rest
     ``[n, 1]``), varying over the mapped axes of ``like`` as the loop's values do (inside
     ``shard_map``: a loop carry keeps one type)."""
     zeros = cast(jax.Array, match_vma(jnp.zeros((n,), dtype), *like)[0])
-    return (zeros,) + (zeros[:, None],) * 4
+    return (zeros,) + (zeros[:, None],) * (4 if is_unit(t) else 6)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -230,17 +254,18 @@ def _forward(a, b, where, c, t, tr):
     # it — then, or where the sample holds no live entry, the chunk is recomputed on its row
     # maxima (`python -m bench.designs` times both designs).
     cols = centre_columns(v)
-    kl, sa, sb, ca, cb = _rows_kl(a, b, where, 0, n, c, dtype, t, tr, cols if cols < v else None)
-    return kl, (a, b, where, kl, ca, cb, sa, sb)
+    kl, sa, sb, ma, mb, *raw = _rows_kl(
+        a, b, where, 0, n, c, dtype, t, tr, cols if cols < v else None
+    )
+    return kl, (a, b, where, kl, (ma, mb, sa, sb), tuple(raw) or (None, None))
 
 
 def _kl_rows_bwd(c, t, tr, res, g):
     del c
-    (a, b, where, kl, ca, cb, sa, sb), wanted = res
+    (a, b, where, kl, stats, (ca, cb)), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
     g = tempered_row_cotangent(g, dtype, t)
-    stats = (tempered_max(ca, t, tr[0]), tempered_max(cb, t, tr[1]), sa, sb)
 
     def grad(wrt, a, b):
         ac, bc = (
