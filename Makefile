@@ -29,7 +29,7 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -n 2 tests
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -m multidevice tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -n 2 -m multidevice tests
 	$(MAKE) docs
 
 # Headline rows with every peer, in minutes on 2 cores; the sweeps (scaling, cross-over, the

@@ -150,10 +150,7 @@ def kl(p: ArrayLike, q: ArrayLike, *, axis: int = -1, where: ArrayLike | None = 
       the generalised form.
     """
     p, q, where = prepare_pair("p", p, "q", q, axis, where)
-    if where is not None:
-        p = jnp.where(where, p, 0)
-        q = jnp.where(where, q, 0)
-    return _kl_probs_core(p, q)
+    return _kl_probs_masked(p, q, where)
 
 
 def kl_from_log_probs(
@@ -199,9 +196,22 @@ def kl_from_log_probs(
       Kullback & Leibler (1951).
     """
     lp, lq, where = prepare_pair("log_p", log_p, "log_q", log_q, axis, where)
+    return _kl_log_probs_masked(lp, lq, where)
+
+
+# One compiled program per shape and dtype for eager calls (instead of one per operation); inside
+# a caller's jit they are inlined. Masked entries count as p = 0 (log p = −inf) in both inputs.
+@jax.jit
+def _kl_probs_masked(p, q, where):
     if where is not None:
-        lp = jnp.where(where, lp, -jnp.inf)
-        lq = jnp.where(where, lq, -jnp.inf)
+        p, q = jnp.where(where, p, 0), jnp.where(where, q, 0)
+    return _kl_probs_core(p, q)
+
+
+@jax.jit
+def _kl_log_probs_masked(lp, lq, where):
+    if where is not None:
+        lp, lq = jnp.where(where, lp, -jnp.inf), jnp.where(where, lq, -jnp.inf)
     return _kl_log_probs_core(lp, lq)
 
 
@@ -405,11 +415,21 @@ def _kl_from_aligned_logits(
     transforms: Transforms = NO_TRANSFORMS,
 ) -> jax.Array:
     """KL(softmax(a/T)‖softmax(b/T)) along the last axis of aligned logits (``align_pair``),
-    computed by ``impl``. A Python-number temperature and the logit ``transforms`` are applied
-    per chunk or block by the fused paths; an array (traced) temperature is applied, with the
-    transforms, to the whole inputs here (a full copy in the compute dtype), so that its
-    gradient flows through ordinary autodiff. The Pallas kernel does not take transforms yet:
-    ``"auto"`` then picks among the others."""
+    computed by ``impl``, as one compiled program (``jax.jit``; inside a caller's ``jit`` it is
+    inlined): an eager call compiles once per shape and dtype instead of once per operation.
+    A Python-number temperature and the logit transforms are compile-time constants."""
+    t = static_temperature(temperature)
+    if t is not None:
+        return _aligned_static(a, b, where, impl=impl, temperature=t, transforms=transforms)
+    return _aligned_traced(a, b, where, temperature, impl=impl, transforms=transforms)
+
+
+def _aligned_logits_kl(a, b, where, temperature, impl: str, transforms: Transforms) -> jax.Array:
+    """The body of :func:`_kl_from_aligned_logits`. A Python-number temperature and the logit
+    ``transforms`` are applied per chunk or block by the fused paths; an array (traced)
+    temperature is applied, with the transforms, to the whole inputs here (a full copy in the
+    compute dtype), so that its gradient flows through ordinary autodiff. The Pallas kernel does
+    not take transforms yet: ``"auto"`` then picks among the others."""
     if impl == "auto":
         impl = choose_logits_impl(a.shape, a.dtype)
     if impl == "xla":
@@ -424,3 +444,7 @@ def _kl_from_aligned_logits(
     from kldiv.fused.pallas import kl_logits_pallas  # optional: Pallas imports only when used
 
     return kl_logits_pallas(a, b, where=where, temperature=t, transforms=transforms)
+
+
+_aligned_static = jax.jit(_aligned_logits_kl, static_argnames=("temperature", "impl", "transforms"))
+_aligned_traced = jax.jit(_aligned_logits_kl, static_argnames=("impl", "transforms"))

@@ -258,9 +258,14 @@ def test_where_must_be_boolean_and_broadcast():
 def test_empty_row_gives_zero(impl):
     a = jnp.array([[0.0, 1.0], [0.0, 0.0]])
     w = jnp.array([[True, True], [False, False]])
-    val, g = jax.value_and_grad(lambda x: jnp.sum(kldiv.kl_from_logits(x, x + 1, where=w)))(a)
+    val, g = jax.value_and_grad(
+        lambda x: jnp.sum(kldiv.kl_from_logits(x, x + 1, where=w, impl=impl))
+    )(a)
     assert np.isfinite(val) and val == 0
-    assert np.all(g == 0)
+    assert np.all(g[1] == 0)  # the empty row: exactly 0
+    # p = q in the first row: its gradient q − p cancels to 0 up to the rounding of p and q
+    # (compiled code may form the two exponentials by different instructions)
+    np.testing.assert_allclose(g[0], 0.0, rtol=0, atol=4 * np.finfo(np.float64).eps)
 
 
 @pytest.mark.parametrize("scale", [1e4, 1e20, 1e38])
