@@ -60,6 +60,15 @@ def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
     return p.astype(dtype), q.astype(dtype), where
 
 
+def fill_masked(p, q, where, fill: float):
+    """``p`` and ``q`` with ``fill`` where ``where`` is False (both unchanged when it is None):
+    0 for probabilities, −inf for log-probabilities, as if the event space excluded the
+    entries, whatever they hold (NaN, ±inf)."""
+    if where is None:
+        return p, q
+    return jnp.where(where, p, fill), jnp.where(where, q, fill)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def kl_logits_core(a, b, axis_name=None):
     p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))

@@ -33,6 +33,7 @@ from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
     align_pair,
+    fill_masked,
     kl_logits_aligned,
     kl_logits_core,
     prepare_pair,
@@ -203,16 +204,12 @@ def kl_from_log_probs(
 # a caller's jit they are inlined. Masked entries count as p = 0 (log p = −inf) in both inputs.
 @jax.jit
 def _kl_probs_masked(p, q, where):
-    if where is not None:
-        p, q = jnp.where(where, p, 0), jnp.where(where, q, 0)
-    return _kl_probs_core(p, q)
+    return _kl_probs_core(*fill_masked(p, q, where, 0.0))
 
 
 @jax.jit
 def _kl_log_probs_masked(lp, lq, where):
-    if where is not None:
-        lp, lq = jnp.where(where, lp, -jnp.inf), jnp.where(where, lq, -jnp.inf)
-    return _kl_log_probs_core(lp, lq)
+    return _kl_log_probs_core(*fill_masked(lp, lq, where, -jnp.inf))
 
 
 def kl_from_logits(

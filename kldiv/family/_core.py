@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kldiv import _checks, discrete
-from kldiv._logits import kl_logits_core, prepare_logits, prepare_pair
+from kldiv._logits import fill_masked, kl_logits_core, prepare_logits, prepare_pair
 from kldiv._numerics import log_ratio, logits_stats, logits_terms, psum
 
 __all__: list[str] = []
@@ -181,10 +181,7 @@ def prepare(
             _checks.check_floating(name, v)
         return prepare_logits(x, y, axis, where, temperature, logit_scale, softcap)
     x, y, where = prepare_pair(names[0], x, names[1], y, axis, where)
-    if where is not None:
-        fill = 0 if space == "probs" else NEG_INF
-        x, y = jnp.where(where, x, fill), jnp.where(where, y, fill)
-    return x, y
+    return fill_masked(x, y, where, 0.0 if space == "probs" else NEG_INF)
 
 
 def static_real(name: str, value, lo: float, hi: float) -> float:

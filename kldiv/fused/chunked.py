@@ -136,8 +136,9 @@ def centre_columns(v: int) -> int:
 
 
 def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
-    """(KL, Σexp of a, Σexp of b, centre of a, centre of b, raw centres of a and b) of one chunk
-    of stored rows; the raw centres only where T ≠ 1 (``temper_and_mask`` needs them then).
+    """(KL, Σexp of a, Σexp of b, tempered centre of a, of b, raw centres of a and b) of one
+    chunk of stored rows: the tempered centres as ``logits_terms`` takes them
+    (``tempered_max``), the raw ones only where T ≠ 1 (``temper_and_mask`` needs them then).
 
     The rows are centred on the raw maxima of their first ``cols`` columns (all of them when
     ``cols`` is None: the row maxima) and put through ``temper_and_mask``; every result is
