@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix kldiv tests bench examples
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=40 tests
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -n 2 -m multidevice tests
 	$(MAKE) docs
 
