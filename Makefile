@@ -51,10 +51,13 @@ bench-full: $(BSTAMP)
 profile: $(BSTAMP)
 	$(BIN)/python -m bench.profile
 
-# The property suite with a large example budget (make test runs the default budget).
+# The property suite with a large example budget (make test runs the default budget), and the
+# cases of the parameter grids that make test leaves out (tests/_grid.py: the full products).
 test-slow: $(STAMP)
 	KLDIV_HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -p no:cacheprovider \
 		tests/test_properties.py -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider -m "slow and not multidevice" tests \
+		--deselect tests/test_properties.py
 
 # On a GPU machine, with the Python that has JAX for CUDA there (no venv is built: such a machine
 # often has no network). The peers that JAX/torch images lack travel as wheels: `make gpu-wheels`

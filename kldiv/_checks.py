@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +91,33 @@ def broadcast_floating(
     common compute dtype (:func:`compute_dtype`). Returns the arrays and the shape."""
     for name, x in zip(names, xs, strict=True):
         check_floating(name, x)
-    arrays = [jnp.asarray(x) for x in xs]
+    arrays = [as_array(x) for x in xs]
     shape = broadcast_shapes(names, [x.shape for x in arrays])
     if cast:
         dtype = compute_dtype(*arrays)
-        arrays = [x.astype(dtype) for x in arrays]
-    return [jnp.broadcast_to(x, shape) for x in arrays], shape
+        arrays = [x if x.dtype == dtype else x.astype(dtype) for x in arrays]
+    return [broadcast_to(x, shape) for x in arrays], shape
+
+
+def as_array(x) -> jax.Array:
+    """``x`` as an array, without staging a copy: jax arrays, tracers and numpy arrays as they are
+    (a numpy array becomes a device array when it enters the compiled program), anything else
+    (Python numbers, nested lists) through ``jnp.asarray``. ``jnp.asarray`` of a numpy array
+    compiles a copy program per shape and dtype, which an eager call would pay on every new shape.
+    """
+    if isinstance(x, (jax.Array, np.ndarray, Tracer)):
+        return cast(jax.Array, x)  # a numpy array stands in for the device array it becomes
+    return jnp.asarray(x)
+
+
+def broadcast_to(x, shape: tuple[int, ...]):
+    """``x`` broadcast to ``shape``; ``x`` itself (no operation) when it already has it."""
+    return x if tuple(x.shape) == tuple(shape) else jnp.broadcast_to(x, shape)
+
+
+def move_to_last(x, axis: int):
+    """``x`` with (normalised) ``axis`` moved last; ``x`` itself when it already is last."""
+    return x if axis == x.ndim - 1 else jnp.moveaxis(x, axis, -1)
 
 
 def check_axis(axis: int, ndim: int, name: str = "axis") -> int:
@@ -126,7 +147,7 @@ def check_mask(
     """
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
+    mask = as_array(mask)
     if mask.dtype != jnp.bool_ and not (numeric and jnp.issubdtype(mask.dtype, jnp.number)):
         allowed = "boolean or numeric" if numeric else "a boolean mask"
         raise TypeError(
@@ -134,7 +155,7 @@ def check_mask(
             f"Use e.g. `{name}=m.astype(bool)`."
         )
     check_broadcasts_to(name, mask.shape, shape, "a mask")
-    return jnp.broadcast_to(mask, tuple(shape))
+    return broadcast_to(mask, tuple(shape))
 
 
 def check_broadcasts_to(name: str, got: tuple[int, ...], shape: tuple[int, ...], what: str = ""):

@@ -43,9 +43,9 @@ def align_pair(name_p: str, p, name_q: str, q, axis: int, where):
     (p, q), shape = _checks.broadcast_floating((name_p, name_q), (p, q), cast=False)
     axis = _checks.check_axis(axis, len(shape))
     where = _checks.check_mask(where, shape)
-    p, q = jnp.moveaxis(p, axis, -1), jnp.moveaxis(q, axis, -1)
+    p, q = _checks.move_to_last(p, axis), _checks.move_to_last(q, axis)
     if where is not None:
-        where = jnp.moveaxis(where, axis, -1)
+        where = _checks.move_to_last(where, axis)
     return p, q, where
 
 
@@ -57,7 +57,8 @@ def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
     """
     p, q, where = align_pair(name_p, p, name_q, q, axis, where)
     dtype = _checks.compute_dtype(p, q)
-    return p.astype(dtype), q.astype(dtype), where
+    p, q = (x if x.dtype == dtype else x.astype(dtype) for x in (p, q))
+    return p, q, where
 
 
 def fill_masked(p, q, where, fill: float):

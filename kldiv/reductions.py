@@ -162,7 +162,7 @@ def reduce(
 
     m = _checks.check_mask(mask, values.shape, "mask", numeric=True)
     if m is not None and m.dtype != jnp.bool_ and _checks.is_concrete(m):
-        if not bool(jnp.all(m >= 0)):  # NaN compares False
+        if not bool(np.all(np.asarray(m) >= 0)):  # NaN compares False
             raise ValueError(
                 "kldiv: numeric `mask` weights must be ≥ 0 and not NaN (0 drops a position)."
             )

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 import scipy.special
-from _jax_compat import enable_x64
+from _grid import grid
+from _jax_compat import enable_x64, unregister_event_duration_listener
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
@@ -634,9 +635,12 @@ def _softcap_inputs(seed=0, shape=(6, 9), scale=20.0):
     return a, b, where
 
 
-@pytest.mark.parametrize("softcap,logit_scale", TRANSFORMS)
-@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
-@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize(
+    *grid(
+        {"softcap,logit_scale": TRANSFORMS, "impl_": SOFTCAP_IMPLS, "traced": [False, True]},
+        cover=[("impl_", "traced")],  # the full grid under -m slow
+    )
+)
 def test_softcap_matches_materialised_logits(softcap, logit_scale, impl_, traced):
     """Values and both gradients equal capping the logits first (float64 reference), with a
     mask, −inf logits, NaN in masked entries and Python or traced per-row temperatures."""
@@ -691,9 +695,20 @@ def test_softcap_keeps_neg_inf_logits_impossible(impl_):
     assert np.isposinf(kldiv.kl_from_logits(a, b2, softcap=2.0, impl=impl_))[0]
 
 
-@pytest.mark.parametrize("impl_", SOFTCAP_IMPLS)
 @pytest.mark.parametrize(
-    "softcap,logit_scale", [(30.0, None), (30.0, 2.0), (None, 2.0), (None, 1e30), (1e-3, 1e4)]
+    *grid(
+        {
+            "impl_": SOFTCAP_IMPLS,
+            "softcap,logit_scale": [
+                (30.0, None),
+                (30.0, 2.0),
+                (None, 2.0),
+                (None, 1e30),
+                (1e-3, 1e4),
+            ],
+        },
+        cover=[("impl_",)],  # every transform and every impl; the full grid under -m slow
+    )
 )
 def test_softcap_logits_near_float32_max_stay_finite(impl_, softcap, logit_scale):
     """Logits up to ±3e38 in float32: finite values and gradients, no NaN, also where s·x
@@ -813,3 +828,49 @@ def test_softcap_of_one_and_none_are_identity():
 def test_softcap_validation_errors(kw, err, msg):
     with enable_x64(False), pytest.raises(err, match=msg):
         kldiv.kl_from_logits(jnp.zeros((2, 3)), jnp.zeros((2, 3)), **kw)
+
+
+def _backend_compiles(f) -> int:
+    """How many programs XLA compiles while ``f()`` runs (the runtime's compile events)."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        del duration, kwargs
+        count[0] += event == BACKEND_COMPILE_EVENT
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(f())
+    finally:
+        unregister_event_duration_listener(listener)
+    return count[0]
+
+
+_COMPILE_CALLS = ["kl", "kl_from_log_probs", "xla", "chunked", "pallas", "auto", "where", "T"]
+
+
+@pytest.mark.parametrize("to_device", [False, True], ids=["numpy", "jax"])
+@pytest.mark.parametrize("call", _COMPILE_CALLS)
+def test_an_eager_call_compiles_one_program_per_shape(call, to_device):
+    # A width no other test uses, one per case, so that the first call meets an empty cache;
+    # numpy inputs and device arrays alike (jnp.asarray of a numpy array compiles a copy).
+    v = 1237 + 2 * _COMPILE_CALLS.index(call) + to_device
+    rng = _rng(7)
+    a = rng.normal(size=(3, v)).astype(np.float32)
+    b = rng.normal(size=a.shape).astype(np.float32)
+    lp, lq = scipy.special.log_softmax(a, -1), scipy.special.log_softmax(b, -1)
+    p, q, m = np.exp(lp), np.exp(lq), a > -1.0
+    if to_device:
+        a, b, lp, lq, p, q, m = jax.block_until_ready(
+            tuple(map(jnp.asarray, (a, b, lp, lq, p, q, m)))
+        )
+    f = {
+        "kl": lambda: kldiv.kl(p, q),
+        "kl_from_log_probs": lambda: kldiv.kl_from_log_probs(lp, lq),
+        "where": lambda: kldiv.kl_from_logits(a, b, where=m),
+        "T": lambda: kldiv.kl_from_logits(a, b, temperature=2.0),
+    }.get(call, lambda: kldiv.kl_from_logits(a, b, impl=call))
+    assert _backend_compiles(f) == 1
+    assert _backend_compiles(f) == 0  # the second call of that shape reuses it

@@ -20,6 +20,7 @@ import optax
 import pytest
 import scipy.special
 import scipy.stats
+from _grid import grid
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import jensenshannon
@@ -799,9 +800,13 @@ def _capped(x, softcap, logit_scale):
     return jnp.where(x == -jnp.inf, -jnp.inf, y)
 
 
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    "softcap,logit_scale", [(3.0, None), (None, 0.5), ((4.0, None), (None, 2.0))]
+    *grid(  # every divergence and every transform; the full grid under -m slow
+        {
+            "name": NAMES,
+            "softcap,logit_scale": [(3.0, None), (None, 0.5), ((4.0, None), (None, 2.0))],
+        }
+    )
 )
 def test_logits_softcap_matches_materialised(name, softcap, logit_scale):
     """Values and gradients equal capping the logits first (float64), with a mask, −inf logits

@@ -8,6 +8,7 @@ the Triton lowering, and the ``"auto"`` choice.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import hypothesis.extra.numpy as hnp
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.special
+from _grid import grid
 from _jax_compat import enable_x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -237,6 +239,26 @@ def _sample_case(case, dtype):
     return jnp.asarray(a, dtype), jnp.asarray(b, dtype), where, t
 
 
+# Compiled once per (dtype, mask or none, temperature) and shared by the cases below.
+@functools.partial(jax.jit, static_argnames=("dtype", "t"))
+def _sampled_stats(a, b, w, dtype, t):
+    return chunked._chunk_kl(a, b, w, dtype, t, (None, None), 4)
+
+
+@functools.partial(jax.jit, static_argnames=("t", "chunk"))
+def _chunked_rows(a, b, w, t, chunk):
+    return chunked.kl_logits_chunked(a, b, where=w, temperature=t, chunk_size=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "t"))
+def _weighted_value_and_grads(a, b, w, impl, t):
+    def f(x, y):
+        kl = kldiv.kl_from_logits(x, y, where=w, temperature=t, impl=impl)
+        return jnp.sum(jnp.where(jnp.isfinite(kl), kl, 0.0) * jnp.arange(1, 7))
+
+    return jax.value_and_grad(f, (0, 1))(a, b)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("case", _SAMPLE_CASES)
 def test_chunks_that_defeat_sampled_centres_fall_back_to_xla_semantics(case, dtype):
@@ -247,28 +269,16 @@ def test_chunks_that_defeat_sampled_centres_fall_back_to_xla_semantics(case, dty
     w = None if where is None else jnp.asarray(where)
     tiny_t = case.endswith("tiny-t")
     for rows, accepted in ((slice(0, 2), not tiny_t), (slice(2, 4), False)):
-        stats = chunked._chunk_kl(
-            a[rows], b[rows], None if w is None else w[rows], dtype, t, (None, None), 4
-        )
+        stats = _sampled_stats(a[rows], b[rows], None if w is None else w[rows], dtype, t)
         assert bool(chunked._accepted(stats[1], stats[2])) == accepted, rows
-
-    def loss(impl):
-        def f(x, y):
-            kl = kldiv.kl_from_logits(x, y, where=w, temperature=t, impl=impl)
-            return jnp.sum(jnp.where(jnp.isfinite(kl), kl, 0.0) * jnp.arange(1, 7))
-
-        return jax.value_and_grad(f, (0, 1))
 
     want_rows = kldiv.kl_from_logits(a, b, where=w, temperature=t, impl="xla")
     rtol = 2e-5 if dtype == jnp.float32 else 1e-12
     for chunk in (2, 3, None):  # chunks of two rows; chunks across the edge; one chunk
-        got_rows = jax.jit(
-            lambda x, y, chunk=chunk: chunked.kl_logits_chunked(
-                x, y, where=w, temperature=t, chunk_size=chunk
-            )
-        )(a, b)
+        got_rows = _chunked_rows(a, b, w, t, chunk)
         np.testing.assert_allclose(got_rows, want_rows, rtol=rtol, atol=0)
-    got, want = loss("chunked")(a, b), loss("xla")(a, b)
+    got = _weighted_value_and_grads(a, b, w, "chunked", t)
+    want = _weighted_value_and_grads(a, b, w, "xla", t)
     np.testing.assert_allclose(got[0], want[0], rtol=rtol)
     for g1, g2 in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g1, g2, rtol=rtol, atol=rtol * 1e-3)
@@ -423,10 +433,24 @@ def test_chunked_temporary_memory_is_small_and_flat_in_n():
     assert _temp_bytes(_optax_loss, 2048, 8192) >= 3.9 * peer
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("masked", [False, True], ids=["plain", "where-T2"])
-@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "softcap"])
-@pytest.mark.parametrize("argnums", [(0, 1), (1,)], ids=["both", "student"])
+@pytest.mark.parametrize(
+    *grid(  # every pair of settings; all 16 under -m slow
+        {
+            "dtype": [jnp.bfloat16, jnp.float32],
+            "masked": [False, True],
+            "softcap": [None, 30.0],
+            "argnums": [(0, 1), (1,)],
+        },
+        cover=[
+            ("dtype", "masked"),
+            ("dtype", "softcap"),
+            ("dtype", "argnums"),
+            ("masked", "softcap"),
+            ("masked", "argnums"),
+            ("softcap", "argnums"),
+        ],
+    )
+)
 def test_chunked_makes_no_full_size_compute_dtype_copies(
     dtype, masked, softcap, argnums, monkeypatch
 ):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from _grid import grid
 from _jax_compat import enable_x64
 
 import kldiv
@@ -311,8 +312,9 @@ def test_chunk_and_tile_sizes_per_backend():
     assert fused_linear._tuning("tpu").weight_tile_bytes is None
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    *grid({"direction": ["forward", "reverse", "jsd"], "reduction": ["mean", "none"]})
+)  # each direction and reduction; the full grid under -m slow
 def test_gradients_of_temperature_and_term_weights(direction, reduction):
     """A traced temperature, soft_weight and hard_weight get their true gradients (they were
     silently 0): equal to autodiff of the materialised loss."""
@@ -412,8 +414,9 @@ def _cap(z, softcap, logit_scale):
     return s * z if softcap is None else softcap * jnp.tanh(s * z / softcap)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    *grid({"direction": ["forward", "reverse", "jsd"], "reduction": ["mean", "none"]})
+)  # each direction and reduction; the full grid under -m slow
 def test_grad_filter_zero_is_the_exact_gradient(small_filter_tiles, direction, reduction):
     labels = _rng(11).integers(0, V, N)
     labels[3] = -100
@@ -620,11 +623,19 @@ def test_penalty_float32_accurate_near_the_reference_policy():
     np.testing.assert_allclose(got, want, rtol=2e-3)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
-    "softcap,logit_scale,temperature",
-    [(2.0, None, 1.0), (3.0, 0.5, 2.0), ((None, 2.5), (1.5, None), "traced")],
+    *grid(
+        {
+            "direction": ["forward", "reverse", "jsd"],
+            "reduction": ["mean", "none"],
+            "softcap,logit_scale,temperature": [
+                (2.0, None, 1.0),
+                (3.0, 0.5, 2.0),
+                ((None, 2.5), (1.5, None), "traced"),
+            ],
+        },
+        cover=[("direction", "softcap,logit_scale,temperature")],  # all under -m slow
+    )
 )
 def test_softcap_matches_materialised_logits(
     direction, reduction, softcap, logit_scale, temperature

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from _grid import grid
 from _jax_compat import enable_x64
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -110,8 +111,7 @@ def test_token_mask_and_padding_slots(tail, reduction):
     _check(tail, reduction, inputs=(ids, lp, hs, ws), mask=mask, where=where)
 
 
-@pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(*grid({"tail": TAILS, "reduction": ["mean", "none"]}))  # all: -m slow
 def test_traced_temperature_and_its_gradient(tail, reduction):
     _check(tail, reduction, t=2.5, traced_t=True, inputs=_inputs(2))
     # under jit, a Python temperature and the same value traced agree
@@ -123,8 +123,7 @@ def test_traced_temperature_and_its_gradient(tail, reduction):
     np.testing.assert_allclose(f(2.5), want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 11, 50])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(*grid({"chunk_size": [1, 3, 11, 50], "reduction": ["mean", "none"]}))
 def test_chunk_sizes_not_dividing_n(chunk_size, reduction):
     mask = np.random.default_rng(3).random(N) > 0.3
     _check("bucket", reduction, chunk_size=chunk_size, mask=mask)
