@@ -27,9 +27,19 @@ format: $(STAMP)
 	$(BIN)/ruff format kldiv tests bench examples
 	$(BIN)/ruff check --fix kldiv tests bench examples
 
+# The test processes (both workers, the example subprocesses, the multi-device invocation) share
+# one JAX compilation cache, emptied first: a program compiled by one is loaded by the others
+# (every run starts cold, as on CI).
+TEST_CACHE := $(CURDIR)/.jax-test-cache
+TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
+
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --durations=40 tests
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -n 2 -m multidevice tests
+	rm -rf $(TEST_CACHE)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --durations=40 tests
+	$(TEST_ENV) XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+		$(BIN)/python -m pytest -q -n 2 -m multidevice tests
+	rm -rf $(TEST_CACHE)
 	$(MAKE) docs
 
 # Headline rows with every peer, in minutes on 2 cores; the sweeps (scaling, cross-over, the
@@ -83,7 +93,7 @@ examples: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python examples/data_parallel.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .jax-test-cache
 	rm -rf $(FVENV) dist docs/_build docs/api/_autosummary
 
 # --- Documentation site: Sphinx + MyST, warnings are errors (docs extra) -----------------------

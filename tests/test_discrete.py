@@ -831,7 +831,9 @@ def test_softcap_validation_errors(kw, err, msg):
 
 
 def _backend_compiles(f) -> int:
-    """How many programs XLA compiles while ``f()`` runs (the runtime's compile events)."""
+    """How many programs XLA compiles while ``f()`` runs, or loads from a persistent compilation
+    cache (``make test`` shares one between its processes; the runtime records its compile
+    event for either)."""
     from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
     count = [0]
