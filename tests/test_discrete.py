@@ -1,6 +1,8 @@
 """Tests for kldiv.discrete: references, properties, edges, transformations, accuracy.
 
-Every logits test runs against every implementation in ``kldiv.discrete.LOGIT_IMPLS``.
+Every logits test runs against every implementation in ``kldiv.discrete.LOGIT_IMPLS``; those of
+``"auto"`` (at these sizes on the CPU it picks the XLA path) only under ``-m slow``, as the
+property suite (tests/test_properties.py) runs ``"auto"`` in ``make test``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import kldiv
 from kldiv.discrete import LOGIT_IMPLS
 
 IMPLS = [i for i in LOGIT_IMPLS if i != "auto"] + ["auto"]
+IMPL_PARAMS = [pytest.param(i, marks=(pytest.mark.slow,) if i == "auto" else ()) for i in IMPLS]
 
 
-@pytest.fixture(params=IMPLS)
+@pytest.fixture(params=IMPL_PARAMS)
 def impl(request):
     return request.param
 
@@ -491,7 +494,7 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_temperature_with_large_finite_logits(impl):
     with enable_x64(False):
         x = _f32([[0.0, 0.0, 1e10]])
@@ -511,7 +514,7 @@ def test_temperature_with_large_finite_logits(impl):
         assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 1e29
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_traced_temperature_gradient_with_inf_and_masked_nan(impl):
     with enable_x64(False):
         a = _f32([[0.0, -np.inf, 1.0, np.nan], [2.0, 1.0, -np.inf, np.nan]])
@@ -546,7 +549,7 @@ def test_per_row_temperature_and_bad_temperatures():
             kldiv.kl_from_logits(a, b, temperature=bad)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_finite_values_that_overflow_intermediates(impl):
     with enable_x64(False):
         a, b = _f32([[2e38, 2e38]]), _f32([[2e38, -2e38]])
@@ -556,7 +559,7 @@ def test_finite_values_that_overflow_intermediates(impl):
         assert np.all(np.isfinite(g))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_p_row_without_support_gives_zero(impl):
     a = np.full((2, 4), -np.inf)
     a[1] = [0.0, 1.0, 2.0, 3.0]
@@ -569,7 +572,7 @@ def test_p_row_without_support_gives_zero(impl):
     np.testing.assert_array_equal(masked, [0.0, 0.0])  # the all-masked row agrees
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_nan_in_unmasked_input_propagates(impl):
     a = np.array([[0.0, np.nan, 1.0], [0.0, 1.0, 2.0]])
     b = np.zeros((2, 3))
