@@ -136,4 +136,6 @@ $(FSTAMP): pyproject.toml constraints-floor.txt | $(FVENV)/bin/python
 
 test-floor: $(FSTAMP)
 	$(FVENV)/bin/python -c "import jax, flax, optax; print('floor:', jax.__version__, flax.__version__, optax.__version__)"
-	$(FVENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(FLOOR_TESTS) -k "$(FLOOR_K)"
+	rm -rf $(TEST_CACHE)
+	$(TEST_ENV) $(FVENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(FLOOR_TESTS) -k "$(FLOOR_K)"
+	rm -rf $(TEST_CACHE)
