@@ -95,19 +95,24 @@ def broadcast_floating(
     shape = broadcast_shapes(names, [x.shape for x in arrays])
     if cast:
         dtype = compute_dtype(*arrays)
-        arrays = [x if x.dtype == dtype else x.astype(dtype) for x in arrays]
+        arrays = [cast_to(x, dtype) for x in arrays]
     return [broadcast_to(x, shape) for x in arrays], shape
 
 
 def as_array(x) -> jax.Array:
-    """``x`` as an array, without staging a copy: jax arrays, tracers and numpy arrays as they are
-    (a numpy array becomes a device array when it enters the compiled program), anything else
+    """``x`` as an array, without staging a copy: jax arrays (tracers too) and numpy arrays as they
+    are (a numpy array becomes a device array when it enters the compiled program), anything else
     (Python numbers, nested lists) through ``jnp.asarray``. ``jnp.asarray`` of a numpy array
     compiles a copy program per shape and dtype, which an eager call would pay on every new shape.
     """
-    if isinstance(x, (jax.Array, np.ndarray, Tracer)):
+    if isinstance(x, (jax.Array, np.ndarray)):
         return cast(jax.Array, x)  # a numpy array stands in for the device array it becomes
     return jnp.asarray(x)
+
+
+def cast_to(x, dtype):
+    """``x`` in ``dtype``; ``x`` itself (no operation) when it already has it."""
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def broadcast_to(x, shape: tuple[int, ...]):

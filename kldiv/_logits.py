@@ -57,8 +57,7 @@ def prepare_pair(name_p: str, p, name_q: str, q, axis: int, where):
     """
     p, q, where = align_pair(name_p, p, name_q, q, axis, where)
     dtype = _checks.compute_dtype(p, q)
-    p, q = (x if x.dtype == dtype else x.astype(dtype) for x in (p, q))
-    return p, q, where
+    return _checks.cast_to(p, dtype), _checks.cast_to(q, dtype), where
 
 
 def fill_masked(p, q, where, fill: float):

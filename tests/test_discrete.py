@@ -709,8 +709,7 @@ def test_softcap_keeps_neg_inf_logits_impossible(impl_):
                 (None, 1e30),
                 (1e-3, 1e4),
             ],
-        },
-        cover=[("impl_",)],  # every transform and every impl; the full grid under -m slow
+        },  # every transform and every impl; the full grid under -m slow
     )
 )
 def test_softcap_logits_near_float32_max_stay_finite(impl_, softcap, logit_scale):
