@@ -21,6 +21,7 @@ import jax
 
 __all__ = [
     "machine_description",
+    "compiled_memory",
     "format_table",
     "temp_bytes",
     "timeit",
@@ -82,11 +83,27 @@ def timeit_torch(fn: Callable, *args, repeats: int = 7, warmup: int = 2) -> floa
 
 def temp_bytes(fn: Callable, *args) -> int | None:
     """Compiled temporary memory of ``jax.jit(fn)`` on ``args`` (None if XLA does not report it)."""
-    compiled = jax.jit(fn).lower(*args).compile()
+    memory = compiled_memory(jax.jit(fn).lower(*args).compile())
+    return None if memory is None else memory["temp"]
+
+
+def compiled_memory(compiled) -> dict | None:
+    """``{"temp": …, "peak": …}`` in bytes from a compiled program's memory analysis (None if XLA
+    does not report it). ``temp``: its temporaries; ``peak``: arguments + outputs + temporaries,
+    less the outputs that alias an argument: what the device holds while it runs. The latter is
+    comparable to torch's ``max_memory_allocated`` after ``reset_peak_memory_stats`` with the
+    inputs allocated: both count the inputs, the results and every temporary of the step."""
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
-    return int(analysis.temp_size_in_bytes)
+    temp = int(analysis.temp_size_in_bytes)
+    peak = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + temp
+        - analysis.alias_size_in_bytes
+    )
+    return {"temp": temp, "peak": int(peak)}
 
 
 def machine_description() -> dict:
