@@ -347,6 +347,10 @@ def logits_terms(a, b, ma, mb, sa, sb, exps=None):
     logits up to ±3.4e38, whose gaps reach 6.8e38: use it through :func:`logit_kl_terms` and
     :func:`kl_logits_grads`, which form p·x as 2·(p·x/2).
 
+    p = e^{a − ma}/sa (and q alike), which XLA compiles as e^{a − ma}·(1/sa): the caller's sums
+    must lie in [1, 1/tiny] (or be 0), so that the reciprocal is a normal number (a subnormal one
+    is flushed to zero on CPU); about the row maxima 1 ≤ sa ≤ V.
+
     Rows without support (sa = 0 or sb = 0: every entry −inf or masked) give probabilities 0. A
     row where p has no support also gets q = 0: it contributes 0 to every divergence and its
     gradients, exactly like a row whose entries are all masked.

@@ -200,8 +200,8 @@ def test_chunked_equals_xla_property(shape, chunk, seed):
 # ---------------------------------------------------------------------------------------------
 # Sampled centres: chunks whose first columns cannot centre them are recomputed on the row maxima.
 
-_SAMPLE_CASES = ["gap", "masked-sample", "neg-inf-sample", "nan-outside", "pos-inf", "tiny-t",
-                 "masked-tiny-t", "huge", "empty-row"]  # fmt: skip
+_SAMPLE_CASES = ["gap", "big-sum", "masked-sample", "neg-inf-sample", "nan-outside", "pos-inf",
+                 "tiny-t", "masked-tiny-t", "huge", "empty-row"]  # fmt: skip
 
 
 def _sample_case(case, dtype):
@@ -212,6 +212,10 @@ def _sample_case(case, dtype):
     where, t = None, 1.0
     if case == "gap":  # e^{1000} overflows float64 as well
         a[2, 40], b[3, 50] = 1000.0, 1000.0
+    elif case == "big-sum":  # a finite Σexp above 1/tiny: 1/Σexp would be subnormal (→ 0)
+        gap = 87.0 if dtype == jnp.float32 else 708.5
+        a[2, 40:42] = a[2, :4].max() + gap
+        b[3, 50:52] = b[3, :4].max() + gap
     elif case == "masked-sample":  # no live entry in the sample: centred on 0, far above the row
         where = np.ones(a.shape, bool)
         where[2, :4] = False

@@ -8,7 +8,8 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   their first V/16 columns (``centre_columns``), not on the row maxima, which would need a pass
   of their own over the chunk: every result is invariant to the centre (the centred logits are
   error-free; ``_numerics.log_ratio`` keeps log(Σexp_a/Σexp_b) accurate however far apart the
-  sums are) unless an entry overflows above it. A chunk where that happens, or whose sample
+  sums are) unless the entries above it make Σexp overflow or exceed 1/tiny (its reciprocal
+  would be subnormal, flushed to zero on CPU). A chunk where that happens, or whose sample
   holds no live entry or a NaN (``_accepted``), is recomputed on its row maxima, so every edge
   is that of the XLA path. About a sampled centre the exponentials are compensated for the
   rounding of x − centre (``_numerics.exp_and_sum``). Saved for the backward pass: the inputs
@@ -175,14 +176,23 @@ def _recentred(stats):
 
 
 def _accepted(sa, sb):
-    """Whether sampled centres served every row of a chunk: both normalisers finite and ≥ 1.
+    """Whether sampled centres served every row of a chunk: both normalisers ≥ 1 and at most
+    1/tiny (2^126 in float32), so that 1/Σexp is a normal number.
 
     A centre that is an entry of its row contributes e^0 = 1 to its Σexp, so a sum below 1 (or
-    NaN) means that the sample held no live entry (all masked or −inf) or a NaN; a sum of +inf,
-    that some entry lay more than the dtype's exponent range above the centre (huge logits, a
-    tiny T). Such chunks are recomputed on their row maxima, the exact semantics of every path.
+    NaN) means that the sample held no live entry (all masked or −inf) or a NaN. A sum above
+    1/tiny means that some entry lay almost the dtype's exponent range above the centre (huge
+    logits, a tiny T), or beyond it (+inf): XLA forms the probabilities e^{x − m}/Σexp
+    (``_numerics.logits_terms``) as e^{x − m}·(1/Σexp), and a subnormal reciprocal is flushed
+    to zero on CPU (every p 0, a silently wrong KL). Such chunks are recomputed on their row
+    maxima (Σexp ≤ V), the exact semantics of every path.
     """
-    return jnp.all(jnp.isfinite(sa) & (sa >= 1) & jnp.isfinite(sb) & (sb >= 1))
+    big = 1 / jnp.finfo(sa.dtype).tiny  # a power of two, exact in the dtype
+
+    def ok(s):
+        return (s >= 1) & (s <= big)  # NaN compares False
+
+    return jnp.all(ok(sa) & ok(sb))
 
 
 # The fallback of a chunk whose sampled centres failed works through it in this many parts, so
@@ -251,9 +261,9 @@ def _forward(a, b, where, c, t, tr):
     # while its Σexp and KL terms are computed. The rows are centred on the maxima of their
     # first columns (a 1/16 sample, read first), not on the row maxima: those would take a
     # pass of their own over the whole chunk, and any centre gives the same values (the
-    # centred logits are error-free, all-row constants cancel) unless an entry overflows above
-    # it — then, or where the sample holds no live entry, the chunk is recomputed on its row
-    # maxima (`python -m bench.designs` times both designs).
+    # centred logits are error-free, all-row constants cancel) unless the entries above it
+    # push Σexp beyond 1/tiny — then, or where the sample holds no live entry, the chunk is
+    # recomputed on its row maxima (`python -m bench.designs` times both designs).
     cols = centre_columns(v)
     kl, sa, sb, ma, mb, *raw = _rows_kl(
         a, b, where, 0, n, c, dtype, t, tr, cols if cols < v else None
