@@ -256,7 +256,9 @@ def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
     rule through :func:`temper_and_mask`'s division by a static temperature, folded into one
     factor per row by the fused paths."""
     g = g.astype(dtype)[..., None]
-    return g if temperature == 1 else saturate(g / jnp.asarray(temperature, dtype))
+    if temperature == 1:
+        return g
+    return saturate(g / jnp.asarray(temperature, dtype), nan_to_zero=False)  # NaN propagates
 
 
 def masked_logits_cotangent(g, dtype, where=None, x=None, transform=None):

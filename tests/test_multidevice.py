@@ -134,11 +134,14 @@ def _unsharded_and_sharded(mesh, loss, args, in_specs, argnums):
     return want, got
 
 
+@pytest.mark.parametrize("argnums", [(0, 1), (1,)], ids=["both", "student"])
 @pytest.mark.parametrize("impl", ["xla", "chunked", "pallas", "auto"])
 @pytest.mark.parametrize("prior", ["replicated", "sharded"])
-def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, impl, prior):
+def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, impl, prior, argnums):
     """Data parallel: the teacher sharded over examples, the model a replicated [V] prior (its
-    gradient is the sum over shards) or sharded like the teacher; the default check_vma=True."""
+    gradient is the sum over shards) or sharded like the teacher; the default check_vma=True.
+    Both gradients, or the model's alone (a frozen teacher: the chunked path forms it in the
+    forward pass)."""
     rng = np.random.default_rng(5)
     a = rng.normal(size=(8, 16)) * 2
     b = rng.normal(size=(16,)) if prior == "replicated" else rng.normal(size=(8, 16))
@@ -150,7 +153,7 @@ def test_every_impl_under_shard_map_with_replicated_and_sharded_inputs(mesh, imp
 
     b_spec = P() if prior == "replicated" else P("data")
     (want, want_g), (got, got_g) = _unsharded_and_sharded(
-        mesh, loss, (a, b, where), (P("data"), b_spec, P("data")), (0, 1)
+        mesh, loss, (a, b, where), (P("data"), b_spec, P("data")), argnums
     )
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, w in zip(got_g, want_g, strict=True):

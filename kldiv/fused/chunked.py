@@ -23,6 +23,12 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
 
   which need no reduction and therefore no chunking: XLA fuses them into loops that write the
   two gradients directly (no ``[N, V]`` temporaries besides the outputs).
+* one gradient (a frozen teacher: the distillation case, or a frozen student), of an input
+  stored in the compute dtype: the forward pass forms it per chunk, on the row maxima, from the
+  terms it has in cache (``_one_gradient_rows``), and saves it instead of the inputs; the
+  backward pass only multiplies it by the cotangent, in place. The inputs are read once, not
+  twice, and nothing is computed twice (the "student" column of ``python -m bench --suites
+  logits``).
 
 The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
 applies ``kldiv._logits.temper_and_mask`` (cast to the compute dtype, −inf where masked, a static
@@ -68,6 +74,7 @@ from kldiv._numerics import (
     match_vma,
     psum,
     recentre,
+    saturate,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -136,17 +143,11 @@ def centre_columns(v: int) -> int:
     return max(1, v // CENTRE_SAMPLE_FRACTION)
 
 
-def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
-    """(KL, Σexp of a, Σexp of b, tempered centre of a, of b, raw centres of a and b) of one
-    chunk of stored rows: the tempered centres as ``logits_terms`` takes them
-    (``tempered_max``), the raw ones only where T ≠ 1 (``temper_and_mask`` needs them then).
-
-    The rows are centred on the raw maxima of their first ``cols`` columns (all of them when
-    ``cols`` is None: the row maxima) and put through ``temper_and_mask``; every result is
-    invariant to the centres except for overflow, which :func:`_accepted` detects. About a
-    sampled centre the exponentials are compensated (``exp_and_sum(compensated=True)``): the
-    rounding of x − centre would otherwise enter each p with up to eps·(max − centre)/2.
-    """
+def _chunk_terms(ac, bc, w, dtype, t, transforms, cols):
+    """The statistics and terms of one chunk of stored rows: ``(kl, sa, sb, ma, mb, raw, terms)``
+    with ``raw`` the raw centres ``(ca, cb)`` and ``terms`` = (p, q, x/2) of
+    ``_numerics.logits_terms``. See :func:`_chunk_kl` (the forward pass) and
+    :func:`_one_gradient_rows` (the forward pass that also forms a gradient)."""
     ws = w if w is None or cols is None else w[:, :cols]
     a_s, b_s = (ac, bc) if cols is None else (ac[:, :cols], bc[:, :cols])
     ca, cb = masked_row_max_pair(a_s, b_s, dtype, ws)
@@ -160,8 +161,24 @@ def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
         exp_and_sum(xa, ma, compensated=exact),
         exp_and_sum(xb, mb, compensated=exact),
     )
-    kl = row_sum(logit_kl_terms(*logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb))))
-    return (kl, sa, sb, ma, mb) + (() if is_unit(t) else (ca, cb))
+    terms = logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb))
+    kl = row_sum(logit_kl_terms(*terms))
+    return kl, sa, sb, ma, mb, (ca, cb), terms
+
+
+def _chunk_kl(ac, bc, w, dtype, t, transforms, cols):
+    """(KL, Σexp of a, Σexp of b, tempered centre of a, of b, raw centres of a and b) of one
+    chunk of stored rows: the tempered centres as ``logits_terms`` takes them
+    (``tempered_max``), the raw ones only where T ≠ 1 (``temper_and_mask`` needs them then).
+
+    The rows are centred on the raw maxima of their first ``cols`` columns (all of them when
+    ``cols`` is None: the row maxima) and put through ``temper_and_mask``; every result is
+    invariant to the centres except for overflow, which :func:`_accepted` detects. About a
+    sampled centre the exponentials are compensated (``exp_and_sum(compensated=True)``): the
+    rounding of x − centre would otherwise enter each p with up to eps·(max − centre)/2.
+    """
+    kl, sa, sb, ma, mb, raw, _ = _chunk_terms(ac, bc, w, dtype, t, transforms, cols)
+    return (kl, sa, sb, ma, mb) + (() if is_unit(t) else raw)
 
 
 def _recentred(stats):
@@ -247,11 +264,57 @@ def _kl_rows(a, b, where, c, t, tr):
 def _kl_rows_fwd(a, b, where, c, t, tr):
     """The forward pass with symbolic zeros: an input that is not differentiated (a frozen
     teacher, the distillation case) gets no gradient pass and no gradient write at all. Which
-    inputs need one is carried in the residuals' structure: a ``(None,)`` marker or ``()``."""
+    inputs need one is carried in the residuals' structure: a ``(None,)`` marker or ``()``.
+
+    When exactly one input is differentiated and it is stored in the compute dtype, its
+    gradient is formed in this pass (:func:`_one_gradient_rows`), while each chunk is in cache,
+    and the backward pass only scales it by the cotangent: the inputs are read once instead of
+    twice. (For a narrower storage dtype the gradient would have to be kept in the compute
+    dtype until then, twice the bytes of the result, or rounded twice.)"""
     where = getattr(where, "value", where)  # None (no mask) has no leaves to wrap
+    dtype = compute_dtype(a.value, b.value)
+    perturbed = (a.perturbed, b.perturbed)
+    if perturbed.count(True) == 1:
+        wrt = perturbed.index(True)
+        if (a.value, b.value)[wrt].dtype == dtype:
+            kl, grad = _one_gradient_rows(a.value, b.value, where, c, t, tr, wrt)
+            return kl, {"grad": grad, "wrt": (None,) * wrt, "where": where}
     kl, res = _forward(a.value, b.value, where, c, t, tr)
-    wanted = tuple((None,) if x.perturbed else () for x in (a, b))
+    wanted = tuple((None,) if x else () for x in perturbed)
     return kl, (res, wanted)
+
+
+def _one_gradient_rows(a, b, where, c, t, tr, wrt):
+    """KL per row and ∂KL/∂(a, b)[wrt] (before the cotangent and 1/T: times the transform's
+    derivative, exactly 0 where masked, in the compute dtype), in one pass over the inputs.
+
+    Each chunk is centred on its row maxima (``_chunk_terms`` without a sample: the XLA path's
+    statistics, no fallback needed) and its gradient is formed from the same terms while the
+    chunk is in cache, ``_numerics.kl_logits_grads``. Writing it costs the ``[N, V]`` output
+    that the backward pass would write anyway (the scaling there reuses its buffer).
+    """
+    n, v = a.shape
+    dtype = compute_dtype(a, b)
+
+    # the inputs ride in the carry only where a narrower one needs it (``_pass_through``)
+    carried = tuple(x for x in (a, b) if x.dtype != dtype)
+
+    def body(start, _, carry):
+        ins, kl_buf, g_buf = carry
+        it = iter(ins)
+        a_, b_ = (next(it) if x.dtype != dtype else x for x in (a, b))
+        ac, bc = rows(a_, start, c), rows(b_, start, c)
+        w = None if where is None else rows(where, start, c)
+        kl, *_, terms = _chunk_terms(ac, bc, w, dtype, t, tr, None)
+        g = kl_logits_grads(*terms, kl[:, None])[wrt]
+        x = (ac, bc)[wrt]
+        g = masked_logits_cotangent(g, dtype, w, x.astype(dtype), tr[wrt])
+        kl_buf, g_buf = put_rows(kl_buf, kl, start), put_rows(g_buf, g, start)
+        return tuple(_pass_through(x, dtype) for x in ins), kl_buf, g_buf
+
+    kl0, g0 = cast(tuple, match_vma(jnp.zeros((n,), dtype), jnp.zeros((n, v), dtype), a, b))[:2]
+    _, kl, grad = for_each_chunk(n, c, body, (carried, kl0, g0))
+    return kl, grad
 
 
 def _forward(a, b, where, c, t, tr):
@@ -273,6 +336,13 @@ def _forward(a, b, where, c, t, tr):
 
 def _kl_rows_bwd(c, t, tr, res, g):
     del c
+    if isinstance(res, dict):  # the gradient of the one differentiated input, formed forward
+        gx, where = res["grad"], res["where"]
+        scaled = gx * tempered_row_cotangent(g, gx.dtype, t)
+        if where is not None:  # exactly 0 also where the cotangent is not finite
+            scaled = jnp.where(where, scaled, jnp.zeros_like(scaled))
+        scaled = saturate(scaled, nan_to_zero=False)
+        return (None, scaled, None) if res["wrt"] else (scaled, None, None)
     (a, b, where, kl, stats, (ca, cb)), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
