@@ -26,6 +26,16 @@ from the shared numerics of ``kldiv/_numerics.py``:
   over the row.
 * ``sampled centre, one-pass shifted`` — both changes.
 
+The student gradient alone (a frozen teacher, ``jax.grad`` w.r.t. the student logits), timed in
+the same rounds against ``floor-1out``:
+
+* ``student: formed in the forward`` — the shipped path: with one input differentiated, the
+  forward pass forms its gradient per chunk (``chunked._one_gradient_rows``) and the backward
+  pass scales it;
+* ``student: recomputed in the backward`` — the design before it (:func:`recomputing_student`):
+  the forward above, then a backward pass that reads both inputs again and forms the gradient
+  from the saved statistics (``chunked._kl_rows_bwd``, still the path of two gradients).
+
 Columns: the forward's median time and its ratio to ``floor-read``; the float32 error against a
 float64 reference on nearly equal distributions (KL ≈ 1e-8 per row, the logits suite's
 ``_near_inputs``: median and largest relative error, negative values); and, derived from
@@ -105,6 +115,32 @@ def design_forward(design: str, n: int, v: int):
     return jax.jit(forward)
 
 
+STUDENT_DESIGNS = ("student: formed in the forward", "student: recomputed in the backward")
+
+
+def recomputing_student(n: int, v: int):
+    """∂(Σ KL)/∂(student logits) as the chunked path computed it before it formed one gradient
+    in its forward pass: the shipped forward (sampled centres, O(N) residuals), then the shipped
+    two-gradient backward asked for the student's gradient only; jitted, ``f(t, s)``."""
+    from kldiv.fused import chunked
+
+    c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
+
+    @jax.custom_vjp
+    def kl_rows(a, b):
+        return chunked._forward(a, b, None, c, 1.0, tr)[0]
+
+    def fwd(a, b):
+        return chunked._forward(a, b, None, c, 1.0, tr)
+
+    def bwd(res, g):
+        _, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, (res, ((), (None,))), g)
+        return None, gb
+
+    kl_rows.defvjp(fwd, bwd)
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=1))
+
+
 def _errors(fn, t_near, s_near, ref) -> tuple[float, float, int]:
     vals = np.asarray(fn(jnp.asarray(t_near), jnp.asarray(s_near)), np.float64)
     rel = np.abs(vals - ref) / ref
@@ -135,10 +171,16 @@ def main(argv=None) -> int:
     fwd = {"kldiv-chunked": jax.jit(shipped)}
     fwd.update({d: design_forward(d, n, v) for d in _DESIGNS})
     floors = _floors()
+    student = {
+        STUDENT_DESIGNS[0]: jax.jit(jax.grad(shipped_total, argnums=1)),
+        STUDENT_DESIGNS[1]: recomputing_student(n, v),
+    }
     fns = {
         **fwd,
+        **student,
         "kldiv-chunked fwd+bwd": jax.jit(jax.value_and_grad(shipped_total, argnums=(0, 1))),
         "floor-read": floors["floor-read"],
+        "floor-1out": floors["floor-1out"],
         "floor-2out": floors["floor-2out"],
     }
     print(f"timing {len(fns)} functions, {args.repeats} rounds ...", file=sys.stderr, flush=True)
@@ -166,7 +208,19 @@ def main(argv=None) -> int:
                 "fwdbwd_vs_floor_2out_derived": (ms[name] + backward) / ms["floor-2out"],
             }
         )
-    for name in ("kldiv-chunked fwd+bwd", "floor-read", "floor-2out"):
+    grads = {name: np.asarray(fn(t, s), np.float64) for name, fn in student.items()}
+    scale = np.max(np.abs(grads[STUDENT_DESIGNS[1]]))
+    for name in STUDENT_DESIGNS:
+        rows.append(
+            {
+                "design": name,
+                "student_ms": ms[name],
+                "student_vs_floor_1out": ms[name] / ms["floor-1out"],
+                "vs_recomputed": float(np.max(np.abs(grads[name] - grads[STUDENT_DESIGNS[1]])))
+                / scale,
+            }
+        )
+    for name in ("kldiv-chunked fwd+bwd", "floor-read", "floor-1out", "floor-2out"):
         rows.append({"design": name, "fwd_ms": ms[name]})
     print(f"\n### chunked forward designs, [{n}, {v}] float32 (KL ≈ 1e-8 for the errors)\n")
     print(common.format_table(rows))
