@@ -27,8 +27,12 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   stored in the compute dtype: the forward pass forms it per chunk, on the row maxima, from the
   terms it has in cache (``_one_gradient_rows``), and saves it instead of the inputs; the
   backward pass only multiplies it by the cotangent, in place. The inputs are read once, not
-  twice, and nothing is computed twice (the "student" column of ``python -m bench --suites
-  logits``).
+  twice, and nothing is computed twice (the "student" rows of ``python -m bench.designs``).
+  Memory: until the backward pass one ``[N, V]`` array is kept (the gradient) instead of two
+  (the inputs); during the forward pass the gradient's buffer exists beside both inputs, where
+  the recomputing backward wrote the gradient into the buffer of an input that was no longer
+  needed. A program whose logits are intermediates (a materialised LM head) therefore peaks at
+  three ``[N, V]`` arrays instead of two; ``kldiv.fused_linear_kl`` holds none.
 
 The inputs stay in their storage dtype (e.g. bfloat16) and the mask stays boolean: every pass
 applies ``kldiv._logits.temper_and_mask`` (cast to the compute dtype, −inf where masked, a static
