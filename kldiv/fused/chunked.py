@@ -78,7 +78,6 @@ from kldiv._numerics import (
     match_vma,
     psum,
     recentre,
-    saturate,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -241,8 +240,8 @@ def _rows_kl(a, b, where, first, n, c, dtype, t, transforms, cols):
         if cols is not None:
             # the move onto the log-normaliser outside the branch: formed inside it, it cost
             # a fifth of the forward (`python -m bench.designs`: kldiv-chunked at 1.22x the
-            # design without the test; 1.02x so), and its per-row values are discarded where
-            # the chunk falls back
+            # design without the test in a run at e7499c5; 1.05x at 01b2910,
+            # bench/results/designs.json); its values are discarded where the chunk falls back
             accepted, recentred = _accepted(new[1], new[2]), _recentred(new)
             new = jax.lax.cond(
                 accepted,
@@ -305,13 +304,8 @@ def _one_gradient_rows(a, b, where, c, t, tr, wrt):
     n, v = a.shape
     dtype = compute_dtype(a, b)
 
-    # the inputs ride in the carry only where a narrower one needs it (``_pass_through``)
-    carried = tuple(x for x in (a, b) if x.dtype != dtype)
-
     def body(start, _, carry):
-        ins, kl_buf, g_buf = carry
-        it = iter(ins)
-        a_, b_ = (next(it) if x.dtype != dtype else x for x in (a, b))
+        (a_, b_), kl_buf, g_buf = carry
         ac, bc = rows(a_, start, c), rows(b_, start, c)
         w = None if where is None else rows(where, start, c)
         kl, *_, terms = _chunk_terms(ac, bc, w, dtype, t, tr, None)
@@ -319,10 +313,10 @@ def _one_gradient_rows(a, b, where, c, t, tr, wrt):
         x = (ac, bc)[wrt]
         g = masked_logits_cotangent(g, dtype, w, x.astype(dtype), tr[wrt])
         kl_buf, g_buf = put_rows(kl_buf, kl, start), put_rows(g_buf, g, start)
-        return tuple(_pass_through(x, dtype) for x in ins), kl_buf, g_buf
+        return (_pass_through(a_, dtype), _pass_through(b_, dtype)), kl_buf, g_buf
 
     kl0, g0 = cast(tuple, match_vma(jnp.zeros((n,), dtype), jnp.zeros((n, v), dtype), a, b))[:2]
-    _, kl, grad = for_each_chunk(n, c, body, (carried, kl0, g0))
+    _, kl, grad = for_each_chunk(n, c, body, ((a, b), kl0, g0))
     return kl, grad
 
 
@@ -347,10 +341,10 @@ def _kl_rows_bwd(c, t, tr, res, g):
     del c
     if isinstance(res, dict):  # the gradient of the one differentiated input, formed forward
         gx, where = res["grad"], res["where"]
-        scaled = gx * tempered_row_cotangent(g, gx.dtype, t)
-        if where is not None:  # exactly 0 also where the cotangent is not finite
-            scaled = jnp.where(where, scaled, jnp.zeros_like(scaled))
-        scaled = saturate(scaled, nan_to_zero=False)
+        # exactly 0 where masked, also where the cotangent is not finite; never ±inf
+        scaled = masked_logits_cotangent(
+            gx * tempered_row_cotangent(g, gx.dtype, t), gx.dtype, where
+        )
         return (None, scaled, None) if res["wrt"] else (scaled, None, None)
     (a, b, where, kl, stats, (ca, cb)), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
