@@ -26,23 +26,26 @@ from the shared numerics of ``kldiv/_numerics.py``:
   over the row.
 * ``sampled centre, one-pass shifted`` — both changes.
 
-The student gradient alone (a frozen teacher, ``jax.grad`` w.r.t. the student logits), timed in
-the same rounds against ``floor-1out``:
+The gradients formed in the forward pass against recomputed in the backward pass, timed in
+the same rounds, for the student gradient alone (a frozen teacher, ``jax.grad`` w.r.t. the
+student logits, against ``floor-1out``) and for both gradients (against ``floor-2out``):
 
-* ``student: formed in the forward`` — the shipped path: with one input differentiated, the
-  forward pass forms its gradient per chunk (``chunked._one_gradient_rows``) and the backward
-  pass scales it;
-* ``student: recomputed in the backward`` — the design before it (:func:`recomputing_student`):
-  the forward above, then a backward pass that reads both inputs again and forms the gradient
-  from the saved statistics (``chunked._kl_rows_bwd``, still the path of two gradients).
+* ``… formed in the forward`` — the forward pass forms the gradients of the differentiated
+  inputs per chunk, on the row maxima (``chunked._gradient_rows``), and the backward pass
+  scales them: shipped for one gradient (``student: formed in the forward``); for two,
+  :func:`formed_forward` builds it;
+* ``… recomputed in the backward`` — the sampled-centre forward above, then a backward pass
+  that reads both inputs again and forms the gradients from the saved statistics
+  (``chunked._kl_rows_bwd``): shipped for two gradients (``both: recomputed in the
+  backward``); for the student alone, :func:`recomputing` builds it (the design before).
 
 Columns: the forward's median time and its ratio to ``floor-read``; the float32 error against a
 float64 reference on nearly equal distributions (KL ≈ 1e-8 per row, the logits suite's
 ``_near_inputs``: median and largest relative error, negative values); and, derived from
-figures of the same run, the forward+backward time that kldiv's backward (measured:
-``kldiv-chunked`` forward+backward minus its forward) would give with this forward, and its
-ratio to ``floor-2out``. The backward does not depend on the forward's design (it reads the same
-residuals: centres, normalisers, KL). Writes ``DIR/designs.json``.
+figures of the same run, the forward+backward time that kldiv's backward of two gradients
+(measured: ``kldiv-chunked`` forward+backward minus its forward) would give with this forward,
+and its ratio to ``floor-2out``: that backward reads the same residuals whatever the forward's
+design (the inputs; centres, normalisers, KL). Writes ``DIR/designs.json``.
 """
 
 from __future__ import annotations
@@ -116,15 +119,18 @@ def design_forward(design: str, n: int, v: int):
 
 
 STUDENT_DESIGNS = ("student: formed in the forward", "student: recomputed in the backward")
+BOTH_DESIGNS = ("both: formed in the forward", "both: recomputed in the backward")
 
 
-def recomputing_student(n: int, v: int):
-    """∂(Σ KL)/∂(student logits) as the chunked path computed it before it formed one gradient
-    in its forward pass: the shipped forward (sampled centres, O(N) residuals), then the shipped
-    two-gradient backward asked for the student's gradient only; jitted, ``f(t, s)``."""
+def recomputing(n: int, v: int, argnums: tuple[int, ...] = (1,)):
+    """∂(Σ KL)/∂(logits)[argnums] with the recomputing backward: the shipped forward (sampled
+    centres, O(N) residuals), then a backward pass that reads both inputs again
+    (``chunked._kl_rows_bwd``, the shipped path of two gradients), asked for those gradients
+    only; jitted, ``f(t, s)``."""
     from kldiv.fused import chunked
 
     c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
+    wanted = tuple((None,) if i in argnums else () for i in (0, 1))
 
     @jax.custom_vjp
     def kl_rows(a, b):
@@ -134,11 +140,35 @@ def recomputing_student(n: int, v: int):
         return chunked._forward(a, b, None, c, 1.0, tr)
 
     def bwd(res, g):
-        _, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, (res, ((), (None,))), g)
-        return None, gb
+        ga, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, (res, wanted), g)
+        return ga, gb
 
     kl_rows.defvjp(fwd, bwd)
-    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=1))
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
+
+
+def formed_forward(n: int, v: int, argnums: tuple[int, ...] = (0, 1)):
+    """∂(Σ KL)/∂(logits)[argnums] with the gradients formed in the forward pass
+    (``chunked._gradient_rows``, the shipped path of one gradient) and scaled in the backward
+    pass (``chunked._kl_rows_bwd``); jitted, ``f(t, s)``."""
+    from kldiv.fused import chunked
+
+    c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
+
+    @jax.custom_vjp
+    def kl_rows(a, b):
+        return chunked._forward(a, b, None, c, 1.0, tr)[0]
+
+    def fwd(a, b):
+        kl, grads = chunked._gradient_rows(a, b, None, c, 1.0, tr, argnums)
+        return kl, {"grads": dict(zip(argnums, grads, strict=True)), "where": None}
+
+    def bwd(res, g):
+        ga, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, res, g)
+        return ga, gb
+
+    kl_rows.defvjp(fwd, bwd)
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
 
 
 def _errors(fn, t_near, s_near, ref) -> tuple[float, float, int]:
@@ -173,11 +203,16 @@ def main(argv=None) -> int:
     floors = _floors()
     student = {
         STUDENT_DESIGNS[0]: jax.jit(jax.grad(shipped_total, argnums=1)),
-        STUDENT_DESIGNS[1]: recomputing_student(n, v),
+        STUDENT_DESIGNS[1]: recomputing(n, v, (1,)),
+    }
+    both = {
+        BOTH_DESIGNS[0]: formed_forward(n, v, (0, 1)),
+        BOTH_DESIGNS[1]: jax.jit(jax.grad(shipped_total, argnums=(0, 1))),
     }
     fns = {
         **fwd,
         **student,
+        **both,
         "kldiv-chunked fwd+bwd": jax.jit(jax.value_and_grad(shipped_total, argnums=(0, 1))),
         "floor-read": floors["floor-read"],
         "floor-1out": floors["floor-1out"],
@@ -186,6 +221,8 @@ def main(argv=None) -> int:
     print(f"timing {len(fns)} functions, {args.repeats} rounds ...", file=sys.stderr, flush=True)
     times = common.timeit_interleaved(fns, t, s, repeats=args.repeats, warmup=args.warmup)
     ms = {k: 1e3 * x for k, x in times.items()}
+    # the backward that reads the residuals of these forward designs (the inputs and O(N) row
+    # statistics): the shipped one of two gradients, measured as its time minus the forward's
     backward = ms["kldiv-chunked fwd+bwd"] - ms["kldiv-chunked"]
 
     tn, sn = _near_inputs(n, v)
@@ -218,6 +255,19 @@ def main(argv=None) -> int:
                 "student_vs_floor_1out": ms[name] / ms["floor-1out"],
                 "vs_recomputed": float(np.max(np.abs(grads[name] - grads[STUDENT_DESIGNS[1]])))
                 / scale,
+            }
+        )
+    grads2 = {name: [np.asarray(x, np.float64) for x in fn(t, s)] for name, fn in both.items()}
+    for name in BOTH_DESIGNS:
+        rows.append(
+            {
+                "design": name,
+                "both_ms": ms[name],
+                "both_vs_floor_2out": ms[name] / ms["floor-2out"],
+                "vs_recomputed": max(
+                    float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
+                    for x, y in zip(grads2[name], grads2[BOTH_DESIGNS[1]], strict=True)
+                ),
             }
         )
     for name in ("kldiv-chunked fwd+bwd", "floor-read", "floor-1out", "floor-2out"):

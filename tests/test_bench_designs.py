@@ -25,11 +25,13 @@ def test_designs_run_and_report(tmp_path):
     assert designs.main(argv) == 0
     rows = {r["design"]: r for r in json.loads((tmp_path / "designs.json").read_text())["rows"]}
     assert set(rows) == {"kldiv-chunked", *designs._DESIGNS, *designs.STUDENT_DESIGNS,
-                         "kldiv-chunked fwd+bwd", "floor-read", "floor-1out",
+                         *designs.BOTH_DESIGNS, "kldiv-chunked fwd+bwd", "floor-read", "floor-1out",
                          "floor-2out"}  # fmt: skip
     # both student designs time the same gradient
     for name in designs.STUDENT_DESIGNS:
         assert rows[name]["student_ms"] > 0 and rows[name]["vs_recomputed"] < 1e-5, name
+    for name in designs.BOTH_DESIGNS:
+        assert rows[name]["both_ms"] > 0 and rows[name]["vs_recomputed"] < 1e-5, name
     for name in ("kldiv-chunked", *designs._DESIGNS):
         assert rows[name]["fwd_ms"] > 0 and rows[name]["negative"] == 0, name
     # the shipped design rebuilt: the same values; the two-pass designs stay accurate at

@@ -25,9 +25,12 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   two gradients directly (no ``[N, V]`` temporaries besides the outputs).
 * one gradient (a frozen teacher: the distillation case, or a frozen student), of an input
   stored in the compute dtype: the forward pass forms it per chunk, on the row maxima, from the
-  terms it has in cache (``_one_gradient_rows``), and saves it instead of the inputs; the
+  terms it has in cache (``_gradient_rows``), and saves it instead of the inputs; the
   backward pass only multiplies it by the cotangent, in place. The inputs are read once, not
   twice, and nothing is computed twice (the "student" rows of ``python -m bench.designs``).
+  With both inputs differentiated the same design was measured slower than the recomputing
+  backward above (the "both" rows there), and its forward pass would hold both gradients'
+  buffers beside both inputs; so two gradients are recomputed.
   Memory: until the backward pass one ``[N, V]`` array is kept (the gradient) instead of two
   (the inputs); during the forward pass the gradient's buffer exists beside both inputs, where
   the recomputing backward wrote the gradient into the buffer of an input that was no longer
@@ -150,7 +153,7 @@ def _chunk_terms(ac, bc, w, dtype, t, transforms, cols):
     """The statistics and terms of one chunk of stored rows: ``(kl, sa, sb, ma, mb, raw, terms)``
     with ``raw`` the raw centres ``(ca, cb)`` and ``terms`` = (p, q, x/2) of
     ``_numerics.logits_terms``. See :func:`_chunk_kl` (the forward pass) and
-    :func:`_one_gradient_rows` (the forward pass that also forms a gradient)."""
+    :func:`_gradient_rows` (the forward pass that also forms the gradients)."""
     ws = w if w is None or cols is None else w[:, :cols]
     a_s, b_s = (ac, bc) if cols is None else (ac[:, :cols], bc[:, :cols])
     ca, cb = masked_row_max_pair(a_s, b_s, dtype, ws)
@@ -275,49 +278,60 @@ def _kl_rows_fwd(a, b, where, c, t, tr):
     inputs need one is carried in the residuals' structure: a ``(None,)`` marker or ``()``.
 
     When exactly one input is differentiated and it is stored in the compute dtype, its
-    gradient is formed in this pass (:func:`_one_gradient_rows`), while each chunk is in cache,
-    and the backward pass only scales it by the cotangent: the inputs are read once instead of
+    gradient is formed in this pass (:func:`_gradient_rows`), while each chunk is in cache, and
+    the backward pass only scales it by the cotangent: the inputs are read once instead of
     twice. (For a narrower storage dtype the gradient would have to be kept in the compute
-    dtype until then, twice the bytes of the result, or rounded twice.)"""
+    dtype until then, twice the bytes of the result, or rounded twice.) Both gradients are not
+    formed here: measured slower than the recomputing backward, and one more ``[N, V]`` array
+    during the forward pass (the "both" rows of ``python -m bench.designs``)."""
     where = getattr(where, "value", where)  # None (no mask) has no leaves to wrap
     dtype = compute_dtype(a.value, b.value)
     perturbed = (a.perturbed, b.perturbed)
     if perturbed.count(True) == 1:
         wrt = perturbed.index(True)
         if (a.value, b.value)[wrt].dtype == dtype:
-            kl, grad = _one_gradient_rows(a.value, b.value, where, c, t, tr, wrt)
-            return kl, {"grad": grad, "wrt": (None,) * wrt, "where": where}
+            kl, (grad,) = _gradient_rows(a.value, b.value, where, c, t, tr, (wrt,))
+            return kl, {"grads": {wrt: grad}, "where": where}
     kl, res = _forward(a.value, b.value, where, c, t, tr)
     wanted = tuple((None,) if x else () for x in perturbed)
     return kl, (res, wanted)
 
 
-def _one_gradient_rows(a, b, where, c, t, tr, wrt):
-    """KL per row and ∂KL/∂(a, b)[wrt] (before the cotangent and 1/T: times the transform's
-    derivative, exactly 0 where masked, in the compute dtype), in one pass over the inputs.
+def _gradient_rows(a, b, where, c, t, tr, wrts):
+    """KL per row and ∂KL/∂(a, b)[i] for each ``i`` in ``wrts`` (before the cotangent and 1/T:
+    times the transform's derivative, exactly 0 where masked, in the compute dtype), in one pass
+    over the inputs.
 
     Each chunk is centred on its row maxima (``_chunk_terms`` without a sample: the XLA path's
-    statistics, no fallback needed) and its gradient is formed from the same terms while the
-    chunk is in cache, ``_numerics.kl_logits_grads``. Writing it costs the ``[N, V]`` output
-    that the backward pass would write anyway (the scaling there reuses its buffer).
+    statistics, no fallback needed) and its gradients are formed from the same terms while the
+    chunk is in cache, ``_numerics.kl_logits_grads``. Writing them costs the ``[N, V]`` outputs
+    that the backward pass would write anyway (the scaling there reuses their buffers).
     """
     n, v = a.shape
     dtype = compute_dtype(a, b)
 
     def body(start, _, carry):
-        (a_, b_), kl_buf, g_buf = carry
+        (a_, b_), kl_buf, g_bufs = carry
         ac, bc = rows(a_, start, c), rows(b_, start, c)
         w = None if where is None else rows(where, start, c)
         kl, *_, terms = _chunk_terms(ac, bc, w, dtype, t, tr, None)
-        g = kl_logits_grads(*terms, kl[:, None])[wrt]
-        x = (ac, bc)[wrt]
-        g = masked_logits_cotangent(g, dtype, w, x.astype(dtype), tr[wrt])
-        kl_buf, g_buf = put_rows(kl_buf, kl, start), put_rows(g_buf, g, start)
-        return (_pass_through(a_, dtype), _pass_through(b_, dtype)), kl_buf, g_buf
+        gs = kl_logits_grads(*terms, kl[:, None])
+        g_bufs = tuple(
+            put_rows(buf, masked_logits_cotangent(gs[i], dtype, w, (ac, bc)[i], tr[i]), start)
+            for buf, i in zip(g_bufs, wrts, strict=True)
+        )
+        return (
+            (_pass_through(a_, dtype), _pass_through(b_, dtype)),
+            put_rows(kl_buf, kl, start),
+            g_bufs,
+        )
 
-    kl0, g0 = cast(tuple, match_vma(jnp.zeros((n,), dtype), jnp.zeros((n, v), dtype), a, b))[:2]
-    _, kl, grad = for_each_chunk(n, c, body, ((a, b), kl0, g0))
-    return kl, grad
+    # one initial buffer per gradient, built by distinct operations: XLA would merge equal ones
+    # and then copy the merged buffer (a full [N, V] pass) to give each loop carry its own
+    inits = [jnp.zeros((n, v), dtype), jnp.full((n, v), -0.0, dtype)][: len(wrts)]
+    kl0, *inits = cast(tuple, match_vma(jnp.zeros((n,), dtype), *inits, a, b))[: 1 + len(wrts)]
+    _, kl, grads = for_each_chunk(n, c, body, ((a, b), kl0, tuple(inits)))
+    return kl, grads
 
 
 def _forward(a, b, where, c, t, tr):
@@ -339,13 +353,15 @@ def _forward(a, b, where, c, t, tr):
 
 def _kl_rows_bwd(c, t, tr, res, g):
     del c
-    if isinstance(res, dict):  # the gradient of the one differentiated input, formed forward
-        gx, where = res["grad"], res["where"]
-        # exactly 0 where masked, also where the cotangent is not finite; never ±inf
-        scaled = masked_logits_cotangent(
-            gx * tempered_row_cotangent(g, gx.dtype, t), gx.dtype, where
-        )
-        return (None, scaled, None) if res["wrt"] else (scaled, None, None)
+    if isinstance(res, dict):  # the gradients of the differentiated inputs, formed forward
+        grads, where = res["grads"], res["where"]
+
+        def scaled(gx):  # exactly 0 where masked, also where the cotangent is not finite
+            return masked_logits_cotangent(
+                gx * tempered_row_cotangent(g, gx.dtype, t), gx.dtype, where
+            )
+
+        return tuple(scaled(grads[i]) if i in grads else None for i in (0, 1)) + (None,)
     (a, b, where, kl, stats, (ca, cb)), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
