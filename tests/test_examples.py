@@ -86,12 +86,19 @@ def test_data_parallel(tmp_path):
     _assert_pngs(tmp_path, ["data_parallel_loss.png"])
 
 
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+
+
 def _script(name: str, *args: str, timeout: float = 900.0) -> str:
     """Runs ``python examples/<name>.py args...`` with this checkout first on the path."""
     root = str(EXAMPLES.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.pop("JAX_ENABLE_X64", None)
+    # the examples train for many steps: their run time, not compilation, dominates, so they
+    # keep XLA's default code optimisation (make test lowers it for the suite's tiny programs)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith(OPT_LEVEL_FLAG))
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
         env=env,
