@@ -35,7 +35,8 @@ TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COM
 	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 
 # The test runs compile the generated code at LLVM's optimisation level 0 (the optimised HLO,
-# its fusions and buffer assignment do not depend on it): their programs are tiny and compiling
+# its fusions and buffer assignment do not depend on it: tests/test_fused.py,
+# test_optimised_hlo_does_not_depend_on_llvm_opt_level): their programs are tiny and compiling
 # them is most of their time (pytest tests: 1014 s at level 0 against 1268 s at the default, both
 # passing). The examples' training scripts, which tests/test_examples.py runs in subprocesses,
 # keep the default level, so optimised code stays tested on real workloads.

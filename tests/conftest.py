@@ -1,10 +1,19 @@
-"""Shared test configuration: float64 references need x64; the time of each test module."""
+"""Shared test configuration: float64 references need x64; the longest tests first; the time of
+each test module."""
 
 import collections
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` (tests/test_examples.py: the language-model scripts, about a minute
+    on one worker) are collected first: xdist hands them out at the start, and the other worker
+    shares out the rest of the suite around them instead of one worker finishing them alone at
+    the end. The order is stable otherwise."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_terminal_summary(terminalreporter):

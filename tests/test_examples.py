@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
 import jax
 import pytest
+from _subprocess import ROOT, child_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:  # the examples import their shared code as `_common`
@@ -86,23 +86,14 @@ def test_data_parallel(tmp_path):
     _assert_pngs(tmp_path, ["data_parallel_loss.png"])
 
 
-OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
-
-
 def _script(name: str, *args: str, timeout: float = 900.0) -> str:
     """Runs ``python examples/<name>.py args...`` with this checkout first on the path."""
-    root = str(EXAMPLES.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.pop("JAX_ENABLE_X64", None)
     # the examples train for many steps: their run time, not compilation, dominates, so they
     # keep XLA's default code optimisation (make test lowers it for the suite's tiny programs)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith(OPT_LEVEL_FLAG))
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
-        env=env,
-        cwd=root,
+        env=child_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -111,15 +102,22 @@ def _script(name: str, *args: str, timeout: float = 900.0) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def lm_distill_quick(tmp_path_factory):
+@pytest.mark.long  # about a minute on one worker: tests/conftest.py starts it first
+def test_lm_distill_then_rl_kl_penalty(tmp_path_factory):
+    """The language-model scripts, as a user runs them: lm_distill trains and saves a student,
+    rl_kl_penalty starts from it (one test, so that both run on one worker, in that order)."""
     out = tmp_path_factory.mktemp("lm_distill")
-    stdout = _script("lm_distill", "--quick", "--out", str(out), "--ckpt", str(out / "s.npz"))
-    return out, json.loads((out / "lm_distill.json").read_text()), stdout
+    ckpt = out / "s.npz"
+    stdout = _script("lm_distill", "--quick", "--out", str(out), "--ckpt", str(ckpt))
+    _check_lm_distill(out, json.loads((out / "lm_distill.json").read_text()), stdout)
+    rl_out = tmp_path_factory.mktemp("rl_kl_penalty")
+    stdout = _script("rl_kl_penalty", "--quick", "--out", str(rl_out), "--ref", str(ckpt))
+    m = json.loads((rl_out / "rl_kl_penalty.json").read_text())
+    assert m["reference"] == str(ckpt)
+    _check_rl_kl_penalty(rl_out, m, stdout)
 
 
-def test_lm_distill(lm_distill_quick):
-    out, m, stdout = lm_distill_quick
+def _check_lm_distill(out, m, stdout):
     ppl = m["val_ppl"]
     assert all(math.isfinite(p) and p > 1 for p in ppl.values()), ppl
     assert ppl["untrained student"] > 0.5 * m["vocab"]  # near-uniform at initialisation
@@ -138,11 +136,7 @@ def test_lm_distill(lm_distill_quick):
     _assert_pngs(out, ["lm_distill_loss.png", "lm_distill_perplexity.png", "lm_distill_memory.png"])
 
 
-def test_rl_kl_penalty(lm_distill_quick, tmp_path):
-    ckpt = lm_distill_quick[0] / "s.npz"
-    stdout = _script("rl_kl_penalty", "--quick", "--out", str(tmp_path), "--ref", str(ckpt))
-    m = json.loads((tmp_path / "rl_kl_penalty.json").read_text())
-    assert m["reference"] == str(ckpt)
+def _check_rl_kl_penalty(out, m, stdout):
     final = m["final"]
     assert set(final) == {"none", "k1", "k3", "k3 + k2 grad", "exact"}
     for kind, f in final.items():
@@ -155,7 +149,7 @@ def test_rl_kl_penalty(lm_distill_quick, tmp_path):
     for c in m["cost"].values():
         assert c["temp_bytes"] > 0 and c["step_seconds"] > 0
     assert "KL(π_θ‖π_ref)" in stdout
-    _assert_pngs(tmp_path, ["rl_kl_penalty.png", "rl_kl_penalty_cost.png"])
+    _assert_pngs(out, ["rl_kl_penalty.png", "rl_kl_penalty_cost.png"])
 
 
 def test_lm_distill_fused_loss_matches_logits():

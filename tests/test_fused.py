@@ -9,7 +9,10 @@ the Triton lowering, and the ``"auto"`` choice.
 from __future__ import annotations
 
 import functools
+import json
 import re
+import subprocess
+import sys
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -21,6 +24,7 @@ import pytest
 import scipy.special
 from _grid import grid
 from _jax_compat import enable_x64
+from _subprocess import child_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -435,6 +439,40 @@ def test_chunked_temporary_memory_is_small_and_flat_in_n():
     ours_4n = _temp_bytes(chunked_loss, 2048, 8192)
     assert ours_4n - ours <= 64 * (2048 - 512), (ours, ours_4n)
     assert _temp_bytes(_optax_loss, 2048, 8192) >= 3.9 * peer
+
+
+_OPTIMISED_PROGRAM = """
+import json, re, jax, jax.numpy as jnp, kldiv
+x = jax.ShapeDtypeStruct((256, 4096), jnp.bfloat16)
+out = {}
+for argnums in ((0, 1), (1,)):
+    loss = lambda a, b: jnp.sum(kldiv.kl_from_logits(a, b, temperature=2.0, impl="chunked"))
+    c = jax.jit(jax.value_and_grad(loss, argnums)).lower(x, x).compile()
+    text = re.sub(r", metadata=\\{[^}]*\\}", "", c.as_text())
+    out[str(argnums)] = [text, c.memory_analysis().temp_size_in_bytes]
+print(json.dumps(out))
+"""
+
+
+def _optimised_program(opt_level: str | None) -> dict:
+    env = child_env(opt_level)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile in both runs
+    proc = subprocess.run(
+        [sys.executable, "-c", _OPTIMISED_PROGRAM], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_optimised_hlo_does_not_depend_on_llvm_opt_level():
+    """make test compiles at --xla_backend_optimization_level=0 (Makefile, OPT0): that level is
+    LLVM's, after XLA's HLO passes, so the tested fusions, loops and buffers are those shipped."""
+    default, level0 = _optimised_program(None), _optimised_program("0")
+    for argnums in default:
+        (text, temp), (text0, temp0) = default[argnums], level0[argnums]
+        assert " while(" in text and temp > 0  # the chunk loop, compiled
+        assert temp == temp0, (argnums, temp, temp0)
+        assert text == text0, argnums
 
 
 @pytest.mark.parametrize(

@@ -43,11 +43,12 @@ settings.register_profile(
 settings.register_profile(
     "slow", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck)
 )
-settings.load_profile(os.environ.get("KLDIV_HYPOTHESIS_PROFILE", "default"))
+PROFILE = os.environ.get("KLDIV_HYPOTHESIS_PROFILE", "default")
+settings.load_profile(PROFILE)
 
 # "auto" runs one of the others (on CPU, at these shapes, the XLA path itself:
 # tests/test_fused.py checks the choice); the default budget leaves it out, the slow one keeps it.
-SLOW = os.environ.get("KLDIV_HYPOTHESIS_PROFILE") == "slow"
+SLOW = PROFILE == "slow"
 IMPLS = ("xla", "chunked", "pallas") + (("auto",) if SLOW else ())
 # A few fixed shapes keep the number of compilations (Pallas interpret mode) bounded.
 SHAPES = ((2, 5), (3, 17))
