@@ -88,8 +88,8 @@ def test_data_parallel(tmp_path):
 
 def _script(name: str, *args: str, timeout: float = 900.0) -> str:
     """Runs ``python examples/<name>.py args...`` with this checkout first on the path."""
-    # the examples train for many steps: their run time, not compilation, dominates, so they
-    # keep XLA's default code optimisation (make test lowers it for the suite's tiny programs)
+    # the scripts keep XLA's default code optimisation, as users run them (make test lowers it
+    # for the suite's tiny programs; the scripts' training steps would run slower at level 0)
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
         env=child_env(),
