@@ -122,6 +122,27 @@ STUDENT_DESIGNS = ("student: formed in the forward", "student: recomputed in the
 BOTH_DESIGNS = ("both: formed in the forward", "both: recomputed in the backward")
 
 
+def _grad_with_residuals(n: int, v: int, argnums: tuple[int, ...], residuals):
+    """∂(Σ KL)/∂(logits)[argnums] of the chunked KL whose forward pass is
+    ``residuals(a, b, c, tr) -> (kl, res)`` and whose backward pass is the shipped
+    ``chunked._kl_rows_bwd`` on those residuals (``c`` rows per chunk, no logit transforms);
+    jitted, ``f(t, s)``."""
+    from kldiv.fused import chunked
+
+    c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
+
+    @jax.custom_vjp
+    def kl_rows(a, b):
+        return chunked._forward(a, b, None, c, 1.0, tr)[0]
+
+    def bwd(res, g):
+        ga, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, res, g)
+        return ga, gb
+
+    kl_rows.defvjp(lambda a, b: residuals(a, b, c, tr), bwd)
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
+
+
 def recomputing(n: int, v: int, argnums: tuple[int, ...] = (1,)):
     """∂(Σ KL)/∂(logits)[argnums] with the recomputing backward: the shipped forward (sampled
     centres, O(N) residuals), then a backward pass that reads both inputs again
@@ -129,22 +150,13 @@ def recomputing(n: int, v: int, argnums: tuple[int, ...] = (1,)):
     only; jitted, ``f(t, s)``."""
     from kldiv.fused import chunked
 
-    c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
     wanted = tuple((None,) if i in argnums else () for i in (0, 1))
 
-    @jax.custom_vjp
-    def kl_rows(a, b):
-        return chunked._forward(a, b, None, c, 1.0, tr)[0]
+    def residuals(a, b, c, tr):
+        kl, res = chunked._forward(a, b, None, c, 1.0, tr)
+        return kl, (res, wanted)
 
-    def fwd(a, b):
-        return chunked._forward(a, b, None, c, 1.0, tr)
-
-    def bwd(res, g):
-        ga, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, (res, wanted), g)
-        return ga, gb
-
-    kl_rows.defvjp(fwd, bwd)
-    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
+    return _grad_with_residuals(n, v, argnums, residuals)
 
 
 def formed_forward(n: int, v: int, argnums: tuple[int, ...] = (0, 1)):
@@ -153,22 +165,11 @@ def formed_forward(n: int, v: int, argnums: tuple[int, ...] = (0, 1)):
     pass (``chunked._kl_rows_bwd``); jitted, ``f(t, s)``."""
     from kldiv.fused import chunked
 
-    c, tr = chunked.chunk_rows(n, v, jnp.float32), (None, None)
-
-    @jax.custom_vjp
-    def kl_rows(a, b):
-        return chunked._forward(a, b, None, c, 1.0, tr)[0]
-
-    def fwd(a, b):
+    def residuals(a, b, c, tr):
         kl, grads = chunked._gradient_rows(a, b, None, c, 1.0, tr, argnums)
         return kl, {"grads": dict(zip(argnums, grads, strict=True)), "where": None}
 
-    def bwd(res, g):
-        ga, gb, _ = chunked._kl_rows_bwd(c, 1.0, tr, res, g)
-        return ga, gb
-
-    kl_rows.defvjp(fwd, bwd)
-    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
+    return _grad_with_residuals(n, v, argnums, residuals)
 
 
 def _errors(fn, t_near, s_near, ref) -> tuple[float, float, int]:
