@@ -251,26 +251,35 @@ def _divide_jvp(primals, tangents):
     return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
 
 
-def tempered_row_cotangent(g, dtype, temperature: float = 1.0):
-    """The per-row cotangent ``g`` as a ``[..., 1]`` column in ``dtype``, times 1/T: the chain
-    rule through :func:`temper_and_mask`'s division by a static temperature, folded into one
-    factor per row by the fused paths."""
-    g = g.astype(dtype)[..., None]
-    if temperature == 1:
-        return g
-    return saturate(g / jnp.asarray(temperature, dtype), nan_to_zero=False)  # NaN propagates
+def row_cotangent(g, dtype):
+    """The per-row cotangent ``g`` of a fused path's backward pass as a ``[..., 1]`` column in
+    ``dtype``."""
+    return g.astype(dtype)[..., None]
+
+
+def chain_cotangent(gx, g, temperature: float = 1.0):
+    """(g·gx)·(1/T): the chain rule from the row cotangent ``g`` (:func:`row_cotangent`) through
+    the local derivative ``gx`` w.r.t. the tempered logits and :func:`temper_and_mask`'s
+    division by a static temperature, in the order and with the saturated 1/T of autodiff
+    through the XLA path (``_divide``'s JVP). Plain products: a cotangent that is infinite, or
+    so large that a product overflows, gives ±inf (and 0·inf = NaN), as autodiff does; only
+    the local derivatives are saturated (``_numerics.saturate``)."""
+    y = gx * g
+    return y if is_unit(temperature) else y * _constant(1 / temperature, y.dtype)
 
 
 def masked_logits_cotangent(g, dtype, where=None, x=None, transform=None):
     """Cotangent of raw logits from the compute-dtype cotangent ``g`` of :func:`temper_and_mask`
-    (with the 1/T factor already in ``g``): times the transform's derivative at the raw logits
-    ``x`` (compute dtype) when ``transform`` is given, exactly 0 at masked entries, cast to
-    ``dtype``."""
+    (the row cotangent and 1/T already in ``g``: :func:`chain_cotangent`): times the transform's
+    derivative at the raw logits ``x`` (compute dtype) when ``transform`` is given, exactly 0 at
+    masked entries whatever ``g`` holds there, cast to ``dtype``. Plain products and a plain
+    cast, as autodiff through the XLA path forms them (a value beyond the range of ``dtype``
+    becomes ±inf)."""
     if transform is not None:
         g = g * transform_logits_grad(x, transform)
     if where is not None:
         g = jnp.where(where, g, jnp.zeros_like(g))
-    return saturate(g.astype(dtype), nan_to_zero=False)
+    return g.astype(dtype)
 
 
 Transforms = tuple[_checks.LogitTransform | None, _checks.LogitTransform | None]

@@ -695,6 +695,29 @@ def test_frozen_teacher_costs_no_teacher_gradient(impl):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("value", [False, True], ids=["grad", "value_and_grad"])
+def test_unit_cotangent_leaves_no_pass_after_the_forward(value):
+    """The student gradient formed in the forward pass is the result itself when each row's
+    cotangent is 1 (a sum of the rows, the seed of ``value_and_grad``): no ``[N, V]`` operation
+    follows the chunk loop. A mean keeps one pass, the scaling (the control)."""
+    n, v = 64, 512
+    x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+
+    def passes_after_loop(reduce):
+        def loss(a, b):  # the chunk size given: a traced kl_from_logits may be cached
+            return reduce(chunked.kl_logits_chunked(a, b, chunk_size=8))
+
+        f = (jax.value_and_grad if value else jax.grad)(loss, argnums=1)
+        text = jax.jit(f).lower(x, x).compile().as_text()
+        entry = text[text.index("ENTRY") :].splitlines()
+        loop = next(i for i, line in enumerate(entry) if " while(" in line)
+        big = re.compile(rf"= f32\[{n},{v}\]\S* fusion\(")
+        return sum(bool(big.search(line)) for line in entry[loop + 1 :])
+
+    assert passes_after_loop(jnp.sum) == 0
+    assert passes_after_loop(jnp.mean) == 1
+
+
 _FORMED_FORWARD_CASES = {
     "plain": {},
     "masked-garbage": {"where": True},
@@ -709,9 +732,9 @@ _FORMED_FORWARD_CASES = {
 def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chunks):
     """When one input is differentiated (and stored in the compute dtype), the chunked path
     forms its gradient in the forward pass and the backward pass scales it by the cotangent:
-    the same values and gradients as the XLA path, also with a cotangent that is 0, negative
-    or NaN on a row (masked entries stay exactly 0), and under vmap. With both differentiated
-    the recomputing backward runs: the same checks."""
+    the same values and gradients as the XLA path, also with a cotangent that is 0, negative,
+    huge, infinite or NaN on a row (masked entries stay exactly 0), and under vmap. With both
+    differentiated the recomputing backward runs: the same checks."""
     kw = dict(_FORMED_FORWARD_CASES[case])
     other_dtype = kw.pop("other_dtype", jnp.float32)
     n, v = 11, 257
@@ -725,7 +748,9 @@ def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chun
     x = [jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)]
     narrow = 1 if wrt == (0, 1) else 1 - wrt
     x[narrow] = x[narrow].astype(other_dtype)
-    weights = jnp.asarray(np.r_[np.linspace(-2, 3, n - 1), np.nan], jnp.float32)
+    # per-row cotangents: |g| below and above 1, 0, negative; huge (gx·g saturates) and +inf;
+    # NaN on the last row
+    weights = jnp.asarray(np.r_[np.linspace(-2, 3, n - 3), 3e38, np.inf, np.nan], jnp.float32)
 
     def loss(impl):
         def f(*xy):
@@ -739,14 +764,25 @@ def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chun
     pairs = list(zip(got, want, strict=True)) if wrt == (0, 1) else [(got, want)]
     for got_g, want_g in pairs:
         assert got_g.dtype == want_g.dtype
-        scale = float(jnp.nanmax(jnp.abs(want_g)))
         tol = 1e-5 if got_g.dtype == jnp.float32 else 1e-2
+        scale = float(jnp.nanmax(jnp.abs(want_g[:-3])))
         np.testing.assert_allclose(
-            np.asarray(got_g[:-1], np.float32),
-            np.asarray(want_g[:-1], np.float32),
+            np.asarray(got_g[:-3], np.float32),
+            np.asarray(want_g[:-3], np.float32),
             rtol=tol,
             atol=tol / 10 * scale,
         )
+        # huge and infinite cotangents: the chain rule's plain products, as autodiff through
+        # the XLA path forms them: ±inf where a product overflows or the cotangent is
+        # infinite, never a saturated value in their place
+        big, want_big = np.asarray(got_g[-3:-1], np.float32), np.asarray(want_g[-3:-1], np.float32)
+        assert np.all(np.isinf(want_big[1][want_big[1] != 0]))
+        np.testing.assert_array_equal(np.isinf(big), np.isinf(want_big))
+        np.testing.assert_array_equal(np.isnan(big), np.isnan(want_big))
+        np.testing.assert_array_equal(np.sign(big), np.sign(want_big))
+        fin = np.isfinite(want_big[0])
+        atol = tol / 10 * float(np.max(np.abs(want_big[0][fin]), initial=0))
+        np.testing.assert_allclose(big[0][fin], want_big[0][fin], rtol=tol, atol=atol)
         # the NaN cotangent of the last row propagates as on the XLA path (exactly 0 where
         # masked)
         np.testing.assert_array_equal(np.isnan(got_g[-1]), np.isnan(want_g[-1]))
@@ -758,4 +794,7 @@ def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chun
     mapped = jax.tree.leaves(f(*(y[None] for y in x)))
     for m, got_g in zip(mapped, jax.tree.leaves(got), strict=True):
         m, got_g = np.asarray(m[0], np.float32), np.asarray(got_g, np.float32)
-        np.testing.assert_allclose(m, got_g, rtol=1e-6, atol=1e-6 * np.nanmax(np.abs(got_g)))
+        np.testing.assert_array_equal(np.isfinite(m), np.isfinite(got_g))
+        fin = np.isfinite(got_g[:-3])
+        atol = 1e-6 * np.max(np.abs(got_g[:-3][fin]))
+        np.testing.assert_allclose(m[:-3][fin], got_g[:-3][fin], rtol=1e-6, atol=atol)

@@ -10,7 +10,11 @@ Columns: forward and forward+backward (gradients w.r.t. both logits) median time
 of each to the optax composition, compiled temporary memory of the jitted forward+backward and
 its ratio to optax, float32 accuracy on nearly equal distributions (median relative error
 against a float64 reference at KL ≈ 1e-8, and the count of negative values), and whether a
-vocabulary entry masked to −inf in both inputs gives NaN (value or gradient).
+vocabulary entry masked to −inf in both inputs gives NaN (value or gradient). For kldiv also
+the student gradient alone: ``jax.grad`` of the rows' sum w.r.t. the student logits
+(``fwdbwd_student_ms``, a cotangent of 1 per row), and the value with that gradient of the rows'
+mean (``student_mean_value_ms``: a distillation step's loss, cotangent 1/N), each against
+``floor-1out``.
 """
 
 from __future__ import annotations
@@ -206,6 +210,11 @@ def run(args, progress) -> list[dict]:
             timed[f"{name}/student"] = jax.jit(
                 jax.grad(lambda a, b, f=rows_fn: jnp.sum(f(a, b)), argnums=1)
             )
+            # the distillation loss as a training step forms it: the value too, and a mean
+            # over the rows (a cotangent of 1/N, not 1: the backward pass scales the gradient)
+            timed[f"{name}/student_mean"] = jax.jit(
+                jax.value_and_grad(lambda a, b, f=rows_fn: jnp.mean(f(a, b)), argnums=1)
+            )
     for name, f in _floors().items():
         timed[f"{name}/fwdbwd"] = f
     timed["floor-2out-reused/fwdbwd"] = _ReusedOutputs(t, s)
@@ -230,6 +239,7 @@ def run(args, progress) -> list[dict]:
         }
         if name.startswith("kldiv-"):
             row["fwdbwd_student_ms"] = ms[f"{name}/student"]
+            row["student_mean_value_ms"] = ms[f"{name}/student_mean"]
         rows.append(row)
     floors = {name: ms[f"{name}/fwdbwd"] for name in _floors()}
     for name, floor_ms in floors.items():
@@ -257,6 +267,7 @@ def run(args, progress) -> list[dict]:
             r["fwd_vs_floor"] = r["fwd_ms"] / floors["floor-read"]
             r["fwdbwd_vs_floor"] = r["fwdbwd_ms"] / floors["floor-2out"]
             r["student_vs_floor"] = r["fwdbwd_student_ms"] / floors["floor-1out"]
+            r["student_mean_value_vs_floor"] = r["student_mean_value_ms"] / floors["floor-1out"]
     if wanted is None or "torch" in wanted:
         try:
             rows.append(_torch_row(t.astype(jnp.float32), s.astype(jnp.float32), args, progress))

@@ -26,8 +26,11 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
 * one gradient (a frozen teacher: the distillation case, or a frozen student), of an input
   stored in the compute dtype: the forward pass forms it per chunk, on the row maxima, from the
   terms it has in cache (``_gradient_rows``), and saves it instead of the inputs; the
-  backward pass only multiplies it by the cotangent, in place. The inputs are read once, not
-  twice, and nothing is computed twice (the "student" rows of ``python -m bench.designs``).
+  backward pass only multiplies it by the cotangent, in place, and not at all when the
+  cotangent is the constant 1 (the rows summed, or the seed of ``value_and_grad``): XLA then
+  folds the pass away and the gradient formed forward is the result. The inputs are read
+  once, not twice, and nothing is computed twice (the "student" rows of
+  ``python -m bench.designs``).
   With both inputs differentiated the same design was measured slower than the recomputing
   backward above (the "both" rows there), and its forward pass would hold both gradients'
   buffers beside both inputs; so two gradients are recomputed.
@@ -64,13 +67,14 @@ from kldiv._checks import compute_dtype
 from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
+    chain_cotangent,
     is_unit,
     kl_logits_aligned,
     masked_logits_cotangent,
     masked_row_max_pair,
+    row_cotangent,
     temper_and_mask,
     tempered_max,
-    tempered_row_cotangent,
 )
 from kldiv._numerics import (
     exp_and_sum,
@@ -356,16 +360,21 @@ def _kl_rows_bwd(c, t, tr, res, g):
     if isinstance(res, dict):  # the gradients of the differentiated inputs, formed forward
         grads, where = res["grads"], res["where"]
 
+        gr = row_cotangent(g, next(iter(grads.values())).dtype)
+
         def scaled(gx):  # exactly 0 where masked, also where the cotangent is not finite
-            return masked_logits_cotangent(
-                gx * tempered_row_cotangent(g, gx.dtype, t), gx.dtype, where
-            )
+            y = chain_cotangent(gx, gr, t)
+            # gx is exactly 0 where masked, so a row with a finite cotangent needs no mask:
+            # when the cotangent is a constant (a sum or a mean of the rows) XLA folds the
+            # test away, and for g = 1, T = 1 the whole pass (the gradient formed forward is
+            # the result).
+            return jnp.where(jnp.isfinite(gr), y, masked_logits_cotangent(y, gx.dtype, where))
 
         return tuple(scaled(grads[i]) if i in grads else None for i in (0, 1)) + (None,)
     (a, b, where, kl, stats, (ca, cb)), wanted = res
     need_a, need_b = (bool(w) for w in wanted)
     dtype = kl.dtype
-    g = tempered_row_cotangent(g, dtype, t)
+    g = row_cotangent(g, dtype)
 
     def grad(wrt, a, b):
         ac, bc = (
@@ -374,7 +383,8 @@ def _kl_rows_bwd(c, t, tr, res, g):
         )
         gx = kl_logits_grads(*logits_terms(ac, bc, *stats), kl[:, None])[wrt]
         x = (a, b)[wrt]
-        return masked_logits_cotangent(gx * g, x.dtype, where, x.astype(dtype), tr[wrt])
+        y = chain_cotangent(gx, g, t)
+        return masked_logits_cotangent(y, x.dtype, where, x.astype(dtype), tr[wrt])
 
     # Two elementwise passes over the inputs, each writing its gradient directly. They share
     # e^{a − max a}: XLA computes it once into an [N, V] buffer that it then reuses for a

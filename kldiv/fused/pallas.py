@@ -34,11 +34,12 @@ from kldiv._checks import compute_dtype
 from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
+    chain_cotangent,
     kl_logits_aligned,
     masked_logits_cotangent,
+    row_cotangent,
     temper_and_mask,
     tempered_max,
-    tempered_row_cotangent,
     transform_logits,
 )
 from kldiv._numerics import (
@@ -162,7 +163,7 @@ def _bwd_kernel(*refs, block, temperature, has_where, wanted, transforms):
     grad_refs = dict(zip(wanted, out_refs, strict=True))
     n_blocks = pl.cdiv(a_ref.shape[0], block)
     centers = (ma_ref[...], mb_ref[...])  # the raw row maxima
-    kl, g = kl_ref[...], g_ref[...]  # g: the row cotangent, 1/T included
+    kl, g = kl_ref[...], g_ref[...]  # g: the row cotangent
     dtype = kl.dtype
     sa, sb = sa_ref[...], sb_ref[...]
 
@@ -174,7 +175,8 @@ def _bwd_kernel(*refs, block, temperature, has_where, wanted, transforms):
         raw = {"a": a, "b": b}
         tr = dict(zip("ab", transforms, strict=True))
         for name, ref in grad_refs.items():
-            cot = masked_logits_cotangent(grads[name] * g, ref.dtype, w, raw[name], tr[name])
+            y = chain_cotangent(grads[name], g, temperature)
+            cot = masked_logits_cotangent(y, ref.dtype, w, raw[name], tr[name])
             plgpu.store(ref.at[idx], cot, mask=mask)
         return carry
 
@@ -274,7 +276,7 @@ def _kl_rows_bwd(block, interpret, temperature, transforms, res, g):
     n, v = a.shape
     if not wanted:
         return None, None, None
-    g = tempered_row_cotangent(g, kl.dtype, temperature)
+    g = row_cotangent(g, kl.dtype)
     rows = _row_inputs(a, b, where)
     dtypes = {"a": a.dtype, "b": b.dtype}
     outs = tuple(_out_struct((n, v), dtypes[name], a) for name in wanted)
