@@ -140,11 +140,16 @@ def _git_commit() -> str | None:
         return None
 
 
+# The code that a result in bench/results describes: the library and every benchmark module
+# (the suites, bench.designs, bench.profile, bench.gpu and what they share), not the results.
+MEASURED_PATHS = ("kldiv", "bench", ":(exclude)bench/results")
+
+
 def _git_dirty() -> bool | None:
-    """Whether the measured code (kldiv/, bench/) differs from the recorded commit."""
+    """Whether the measured code (``MEASURED_PATHS``) differs from the recorded commit."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "kldiv", "bench/suites", "bench/common.py"],
+            ["git", "status", "--porcelain", "--", *MEASURED_PATHS],
             capture_output=True,
             text=True,
             check=True,
@@ -155,8 +160,8 @@ def _git_dirty() -> bool | None:
 
 
 def code_changes_since(commit: str | None) -> int | None:
-    """Commits that changed the measured code (kldiv/, bench/suites, bench/common.py) after
-    ``commit``: 0 means the result describes the current code; None if git cannot tell."""
+    """Commits that changed the measured code (``MEASURED_PATHS``) after ``commit``: 0 means
+    the result describes the current code; None if git cannot tell."""
     if not commit:
         return None
     try:
@@ -167,9 +172,7 @@ def code_changes_since(commit: str | None) -> int | None:
                 "--count",
                 f"{commit}..HEAD",
                 "--",
-                "kldiv",
-                "bench/suites",
-                "bench/common.py",
+                *MEASURED_PATHS,
             ],
             capture_output=True,
             text=True,

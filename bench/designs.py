@@ -39,6 +39,10 @@ student logits, against ``floor-1out``) and for both gradients (against ``floor-
   (``chunked._kl_rows_bwd``): shipped for two gradients (``both: recomputed in the
   backward``); for the student alone, :func:`recomputing` builds it (the design before).
 
+Each is the gradient of the rows' sum (a cotangent of 1 per row: the formed design's backward
+pass then does nothing); both gradients are also timed for the rows' mean (``…, mean of the
+rows``: a cotangent of 1/N, which the formed design applies in an in-place pass).
+
 Columns: the forward's median time and its ratio to ``floor-read``; the float32 error against a
 float64 reference on nearly equal distributions (KL ≈ 1e-8 per row, the logits suite's
 ``_near_inputs``: median and largest relative error, negative values); and, derived from
@@ -120,12 +124,14 @@ def design_forward(design: str, n: int, v: int):
 
 STUDENT_DESIGNS = ("student: formed in the forward", "student: recomputed in the backward")
 BOTH_DESIGNS = ("both: formed in the forward", "both: recomputed in the backward")
+MEAN = ", mean of the rows"
 
 
-def _grad_with_residuals(n: int, v: int, argnums: tuple[int, ...], residuals):
-    """∂(Σ KL)/∂(logits)[argnums] of the chunked KL whose forward pass is
+def _grad_with_residuals(n: int, v: int, argnums: tuple[int, ...], residuals, reduce=jnp.sum):
+    """∂reduce(KL)/∂(logits)[argnums] of the chunked KL whose forward pass is
     ``residuals(a, b, c, tr) -> (kl, res)`` and whose backward pass is the shipped
     ``chunked._kl_rows_bwd`` on those residuals (``c`` rows per chunk, no logit transforms);
+    ``reduce``: over the rows, ``jnp.sum`` (a cotangent of 1 per row) or ``jnp.mean`` (1/N);
     jitted, ``f(t, s)``."""
     from kldiv.fused import chunked
 
@@ -140,7 +146,7 @@ def _grad_with_residuals(n: int, v: int, argnums: tuple[int, ...], residuals):
         return ga, gb
 
     kl_rows.defvjp(lambda a, b: residuals(a, b, c, tr), bwd)
-    return jax.jit(jax.grad(lambda a, b: jnp.sum(kl_rows(a, b)), argnums=argnums))
+    return jax.jit(jax.grad(lambda a, b: reduce(kl_rows(a, b)), argnums=argnums))
 
 
 def recomputing(n: int, v: int, argnums: tuple[int, ...] = (1,)):
@@ -159,17 +165,18 @@ def recomputing(n: int, v: int, argnums: tuple[int, ...] = (1,)):
     return _grad_with_residuals(n, v, argnums, residuals)
 
 
-def formed_forward(n: int, v: int, argnums: tuple[int, ...] = (0, 1)):
-    """∂(Σ KL)/∂(logits)[argnums] with the gradients formed in the forward pass
+def formed_forward(n: int, v: int, argnums: tuple[int, ...] = (0, 1), reduce=jnp.sum):
+    """∂reduce(KL)/∂(logits)[argnums] with the gradients formed in the forward pass
     (``chunked._gradient_rows``, the shipped path of one gradient) and scaled in the backward
-    pass (``chunked._kl_rows_bwd``); jitted, ``f(t, s)``."""
+    pass (``chunked._kl_rows_bwd``: no pass at all for ``jnp.sum``, whose cotangent is 1);
+    jitted, ``f(t, s)``."""
     from kldiv.fused import chunked
 
     def residuals(a, b, c, tr):
         kl, grads = chunked._gradient_rows(a, b, None, c, 1.0, tr, argnums)
         return kl, {"grads": dict(zip(argnums, grads, strict=True)), "where": None}
 
-    return _grad_with_residuals(n, v, argnums, residuals)
+    return _grad_with_residuals(n, v, argnums, residuals, reduce)
 
 
 def _errors(fn, t_near, s_near, ref) -> tuple[float, float, int]:
@@ -199,6 +206,9 @@ def main(argv=None) -> int:
     def shipped_total(a, b):
         return jnp.sum(shipped(a, b))
 
+    def shipped_mean(a, b):
+        return jnp.mean(shipped(a, b))
+
     fwd = {"kldiv-chunked": jax.jit(shipped)}
     fwd.update({d: design_forward(d, n, v) for d in _DESIGNS})
     floors = _floors()
@@ -209,6 +219,9 @@ def main(argv=None) -> int:
     both = {
         BOTH_DESIGNS[0]: formed_forward(n, v, (0, 1)),
         BOTH_DESIGNS[1]: jax.jit(jax.grad(shipped_total, argnums=(0, 1))),
+        # the mean of the rows: a cotangent of 1/N, which the formed design scales in place
+        BOTH_DESIGNS[0] + MEAN: formed_forward(n, v, (0, 1), jnp.mean),
+        BOTH_DESIGNS[1] + MEAN: jax.jit(jax.grad(shipped_mean, argnums=(0, 1))),
     }
     fns = {
         **fwd,
@@ -259,7 +272,8 @@ def main(argv=None) -> int:
             }
         )
     grads2 = {name: [np.asarray(x, np.float64) for x in fn(t, s)] for name, fn in both.items()}
-    for name in BOTH_DESIGNS:
+    for name in both:
+        recomputed = BOTH_DESIGNS[1] + (MEAN if name.endswith(MEAN) else "")
         rows.append(
             {
                 "design": name,
@@ -267,7 +281,7 @@ def main(argv=None) -> int:
                 "both_vs_floor_2out": ms[name] / ms["floor-2out"],
                 "vs_recomputed": max(
                     float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
-                    for x, y in zip(grads2[name], grads2[BOTH_DESIGNS[1]], strict=True)
+                    for x, y in zip(grads2[name], grads2[recomputed], strict=True)
                 ),
             }
         )

@@ -24,13 +24,15 @@ def test_designs_run_and_report(tmp_path):
     argv = ["--n", "64", "--v", "2048", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
     assert designs.main(argv) == 0
     rows = {r["design"]: r for r in json.loads((tmp_path / "designs.json").read_text())["rows"]}
-    assert set(rows) == {"kldiv-chunked", *designs._DESIGNS, *designs.STUDENT_DESIGNS,
-                         *designs.BOTH_DESIGNS, "kldiv-chunked fwd+bwd", "floor-read", "floor-1out",
+    both = [*designs.BOTH_DESIGNS, *(d + designs.MEAN for d in designs.BOTH_DESIGNS)]
+    assert set(rows) == {"kldiv-chunked", *designs._DESIGNS, *designs.STUDENT_DESIGNS, *both,
+                         "kldiv-chunked fwd+bwd", "floor-read", "floor-1out",
                          "floor-2out"}  # fmt: skip
-    # both student designs time the same gradient
+    # both student designs time the same gradient; the two-gradient designs too, for the sum
+    # and for the mean of the rows
     for name in designs.STUDENT_DESIGNS:
         assert rows[name]["student_ms"] > 0 and rows[name]["vs_recomputed"] < 1e-5, name
-    for name in designs.BOTH_DESIGNS:
+    for name in both:
         assert rows[name]["both_ms"] > 0 and rows[name]["vs_recomputed"] < 1e-5, name
     for name in ("kldiv-chunked", *designs._DESIGNS):
         assert rows[name]["fwd_ms"] > 0 and rows[name]["negative"] == 0, name
