@@ -233,12 +233,34 @@ def temper_and_mask(
     live = x != -jnp.inf  # NaN counts as live and propagates
     # (x − c)/T as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow.
     half = 0.5 * jnp.where(live, x, center) - 0.5 * jax.lax.stop_gradient(center)
-    return jnp.where(live, 2 * _divide(half, jnp.asarray(temperature, dtype)), -jnp.inf)
+    t = jnp.asarray(temperature, dtype)
+    return jnp.where(live, 2 * _divide(half, t), -jnp.inf) + _dead_entry_zeros(x, live, t)
 
 
 @jax.custom_jvp
 def _divide(x, t):
     return x / t
+
+
+@jax.custom_jvp
+def _dead_entry_zeros(x, live, t):
+    """Zeros shaped like ``x``, whose tangent is dx/T at the −inf entries (``~live``).
+
+    :func:`temper_and_mask` selects −inf for those entries, and the select's derivative w.r.t.
+    ``x`` is 0 there; x/T's is 1/T, as at T = 1 (no select) and on the fused paths, whose closed
+    forms give a −inf student logit where p has mass the gradient −p/T. Added to the output
+    (exact: ±inf + 0 and x + 0 are unchanged), this restores that derivative; the one w.r.t. a
+    traced T stays 0 there (finite)."""
+    del live, t
+    return jnp.zeros_like(x)
+
+
+@_dead_entry_zeros.defjvp
+def _dead_entry_zeros_jvp(primals, tangents):
+    x, live, t = primals
+    dx = tangents[0]
+    inv = saturate(1 / t, nan_to_zero=False)
+    return jnp.zeros_like(x), jnp.where(live, jnp.zeros_like(dx), dx * inv)
 
 
 @_divide.defjvp

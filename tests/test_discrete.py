@@ -515,6 +515,29 @@ def test_temperature_with_large_finite_logits(impl):
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_neg_inf_student_logit_where_p_has_mass_gets_minus_p_over_t(impl):
+    """A −inf student logit in a kept entry where p has mass (the row's KL is +inf): its
+    gradient is the closed form's q − p = −p, times 1/T, at every temperature and on every
+    path (the XLA path at T ≠ 1 selects −inf there, and a select alone would have given 0);
+    with a traced T the same, and the T-gradient stays finite."""
+    with enable_x64(False):
+        a = _f32([[0.3, -1.0, 2.0, 0.5], [1.0, 0.0, -1.0, 0.2]])
+        b = _f32([[0.1, 0.4, -np.inf, -0.3], [0.0, 1.0, 0.5, -0.5]])
+        for t in (1.0, 2.0, 0.25, jnp.float32(2.0)):
+            tf = float(t)
+            p = jax.nn.softmax(np.asarray(a, np.float64) / tf, axis=-1)
+
+            def f(y, t=t):
+                return jnp.sum(kldiv.kl_from_logits(a, y, temperature=t, impl=impl))
+
+            g = np.asarray(jax.grad(f)(b))
+            np.testing.assert_allclose(g[0, 2], -p[0, 2] / tf, rtol=1e-5, err_msg=str(t))
+            assert np.all(np.isfinite(g)), g
+        tg = jax.grad(lambda t: jnp.sum(kldiv.kl_from_logits(a, b, temperature=t)[1:]))(2.0)
+        assert np.isfinite(tg)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_traced_temperature_gradient_with_inf_and_masked_nan(impl):
     with enable_x64(False):
         a = _f32([[0.0, -np.inf, 1.0, np.nan], [2.0, 1.0, -np.inf, np.nan]])

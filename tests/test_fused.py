@@ -718,6 +718,33 @@ def test_unit_cotangent_leaves_no_pass_after_the_forward(value):
     assert passes_after_loop(jnp.mean) == 1
 
 
+def test_float16_gradients_beyond_its_range_are_inf_on_every_path():
+    """float16 logits at a tiny temperature: gradients whose float32 value exceeds 65504
+    overflow to ±inf in the cast to float16, as autodiff through the XLA path gives them (and as
+    dynamic loss scaling expects to find them); the same entries on every path, for both
+    gradients and for the student's alone, and finite where the float32 gradient fits."""
+    a = np.array([[0.0, 5.0, 10.0, 2.0], [1.0, 0.5, 0.0, -1.0]])
+    b = np.array([[10.0, 5.0, 0.0, 1.0], [0.9, 0.6, 0.1, -1.2]])
+    t = 1e-5
+
+    def grads(impl, dtype, argnums):
+        x, y = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        f = lambda x, y: jnp.sum(kldiv.kl_from_logits(x, y, temperature=t, impl=impl))  # noqa: E731
+        g = jax.grad(f, argnums)(x, y)
+        return [np.asarray(gi, np.float64) for gi in (g if isinstance(g, tuple) else (g,))]
+
+    with enable_x64(False):
+        wide = grads("xla", jnp.float32, (0, 1))
+        too_big = [np.abs(g) > 65504 for g in wide]
+        assert any(m.any() for m in too_big) and not all(m.all() for m in too_big)
+        for impl in ("xla", "chunked", "pallas"):
+            for argnums, want in (((0, 1), too_big), (1, too_big[1:])):
+                got = grads(impl, jnp.float16, argnums)
+                for g, m, w in zip(got, want, wide[-len(want) :], strict=True):
+                    np.testing.assert_array_equal(np.isinf(g), m, err_msg=impl)
+                    np.testing.assert_allclose(g[~m], w[~m], rtol=2e-3, atol=1e-3 * 65504)
+
+
 _FORMED_FORWARD_CASES = {
     "plain": {},
     "masked-garbage": {"where": True},

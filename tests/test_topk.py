@@ -223,8 +223,11 @@ def test_student_softcap_matches_materialised(tail, softcap, logit_scale):
     np.testing.assert_allclose(v, want, rtol=1e-10)
     # chain rule: the gradient of the materialised call times s·(1 − tanh²(s·x/c))
     g_ref = jax.grad(lambda y: jnp.sum(kl_topk_teacher(ids, lp, y, **kw)))(capped)
+    # at the −inf token the factor is its limit: s without a cap, 0 with one (tanh' → 0); the
+    # materialised gradient there is −p/T (the token's teacher mass)
     x0 = np.where(np.isfinite(s), s, 0.0)
     factor = scale if cap is None else scale * (1 - np.tanh(scale * x0 / cap) ** 2)
+    factor = np.where(np.isfinite(s), factor, scale if cap is None else 0.0)
     assert np.all(np.isfinite(g))
     np.testing.assert_allclose(g, np.asarray(g_ref) * factor, rtol=1e-8, atol=1e-13)
 
