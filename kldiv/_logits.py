@@ -242,6 +242,16 @@ def _divide(x, t):
     return x / t
 
 
+@_divide.defjvp
+def _divide_jvp(primals, tangents):
+    # d(x/t) = dx/t − (x/t)/t·dt, saturated: a tiny T gives huge, never infinite, derivatives.
+    x, t = primals
+    dx, dt = tangents
+    y = x / t
+    inv = saturate(1 / t, nan_to_zero=False)
+    return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
+
+
 @jax.custom_jvp
 def _dead_entry_zeros(x, live, t):
     """Zeros shaped like ``x``, whose tangent is dx/T at the −inf entries (``~live``).
@@ -261,16 +271,6 @@ def _dead_entry_zeros_jvp(primals, tangents):
     dx = tangents[0]
     inv = saturate(1 / t, nan_to_zero=False)
     return jnp.zeros_like(x), jnp.where(live, jnp.zeros_like(dx), dx * inv)
-
-
-@_divide.defjvp
-def _divide_jvp(primals, tangents):
-    # d(x/t) = dx/t − (x/t)/t·dt, saturated: a tiny T gives huge, never infinite, derivatives.
-    x, t = primals
-    dx, dt = tangents
-    y = x / t
-    inv = saturate(1 / t, nan_to_zero=False)
-    return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
 
 
 def row_cotangent(g, dtype):

@@ -31,9 +31,10 @@ float32 arrays alive for the backward pass and reads the logits many times. Here
   folds the pass away and the gradient formed forward is the result. The inputs are read
   once, not twice, and nothing is computed twice (the "student" rows of
   ``python -m bench.designs``).
-  With both inputs differentiated the same design was measured slower than the recomputing
-  backward above (the "both" rows there), and its forward pass would hold both gradients'
-  buffers beside both inputs; so two gradients are recomputed.
+  With both inputs differentiated the same design was measured no faster than the recomputing
+  backward above across cotangents (a few per cent faster for a sum of the rows, slower for a
+  mean: the "both" rows there), and its forward pass would hold both gradients' buffers beside
+  both inputs; so two gradients are recomputed.
   Memory: until the backward pass one ``[N, V]`` array is kept (the gradient) instead of two
   (the inputs); during the forward pass the gradient's buffer exists beside both inputs, where
   the recomputing backward wrote the gradient into the buffer of an input that was no longer
@@ -286,8 +287,9 @@ def _kl_rows_fwd(a, b, where, c, t, tr):
     the backward pass only scales it by the cotangent: the inputs are read once instead of
     twice. (For a narrower storage dtype the gradient would have to be kept in the compute
     dtype until then, twice the bytes of the result, or rounded twice.) Both gradients are not
-    formed here: measured slower than the recomputing backward, and one more ``[N, V]`` array
-    during the forward pass (the "both" rows of ``python -m bench.designs``)."""
+    formed here: measured no faster than the recomputing backward across cotangents, and one
+    more ``[N, V]`` array during the forward pass (the "both" rows of
+    ``python -m bench.designs``)."""
     where = getattr(where, "value", where)  # None (no mask) has no leaves to wrap
     dtype = compute_dtype(a.value, b.value)
     perturbed = (a.perturbed, b.perturbed)
