@@ -775,8 +775,8 @@ def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chun
     x = [jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)]
     narrow = 1 if wrt == (0, 1) else 1 - wrt
     x[narrow] = x[narrow].astype(other_dtype)
-    # per-row cotangents: |g| below and above 1, 0, negative; huge (gx·g saturates) and +inf;
-    # NaN on the last row
+    # per-row cotangents: |g| below and above 1, 0, negative; huge (gx·g overflows in places)
+    # and +inf; NaN on the last row
     weights = jnp.asarray(np.r_[np.linspace(-2, 3, n - 3), 3e38, np.inf, np.nan], jnp.float32)
 
     def loss(impl):
@@ -821,7 +821,6 @@ def test_formed_forward_and_recomputed_gradients_equal_xla(case, wrt, small_chun
     mapped = jax.tree.leaves(f(*(y[None] for y in x)))
     for m, got_g in zip(mapped, jax.tree.leaves(got), strict=True):
         m, got_g = np.asarray(m[0], np.float32), np.asarray(got_g, np.float32)
-        np.testing.assert_array_equal(np.isfinite(m), np.isfinite(got_g))
-        fin = np.isfinite(got_g[:-3])
-        atol = 1e-6 * np.max(np.abs(got_g[:-3][fin]))
-        np.testing.assert_allclose(m[:-3][fin], got_g[:-3][fin], rtol=1e-6, atol=atol)
+        # every row, the huge, infinite and NaN ones included (the same ±inf and NaN entries)
+        atol = 1e-6 * np.max(np.abs(got_g[:-3][np.isfinite(got_g[:-3])]))
+        np.testing.assert_allclose(m, got_g, rtol=1e-6, atol=atol)
