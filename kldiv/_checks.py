@@ -432,3 +432,49 @@ def as_keep_mask(mask, shape: tuple[int, ...], name: str) -> jax.Array | None:
     """Boolean view of a keep-mask (numeric weights: nonzero = kept), broadcast to ``shape``."""
     mask = check_mask(mask, shape, name, numeric=True)
     return mask if mask is None or mask.dtype == jnp.bool_ else mask != 0
+
+
+def check_static_int(name: str, value, minimum: int) -> int:
+    """A static integer option (a chunk size, a sample count): a Python int ≥ ``minimum``,
+    returned as an int. ValueError naming ``name`` for anything else (floats, booleans, strings,
+    arrays, smaller values)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"kldiv: `{name}` must be a Python int ≥ {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"kldiv: `{name}` must be a Python int ≥ {minimum}; got {value!r}.")
+    return int(value)
+
+
+def check_scalar_weight(name: str, value) -> None:
+    """A loss weight (``soft_weight``, ``hard_weight``): a Python number or a real scalar array
+    (traced values are used as given). TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_, str)) or not (
+        isinstance(value, numbers.Real) or hasattr(value, "dtype")
+    ):
+        raise TypeError(f"kldiv: `{name}` must be a number or a scalar array; got {value!r}.")
+    v = jnp.asarray(value)
+    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
+        raise TypeError(f"kldiv: `{name}` must be real; got dtype {v.dtype}.")
+    if v.ndim != 0:
+        raise ValueError(
+            f"kldiv: `{name}` must be a scalar (one weight for every token; per-token weights "
+            f"go in `mask`); got shape {v.shape}."
+        )
+
+
+def token_ids(name: str, ids) -> jax.Array:
+    """Integer token ids (labels, top-k ids) as an array of a signed dtype that holds every
+    value of theirs and every vocabulary bound: int32, or int64 for 64-bit and uint32 ids
+    where 64-bit types are enabled.
+
+    Comparisons such as ``ids < V`` and ``ids == ignore_index`` are made in the ids' dtype, in
+    which a narrow or unsigned one would wrap the bound: V = 65536 is 0 as a uint16 and
+    ignore_index = −100 is 156 as a uint8, so every id of a 65536-token vocabulary stored as
+    uint16 would fall out of range. TypeError naming ``name`` for non-integer ids.
+    """
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"kldiv: `{name}` must have an integer dtype; got {ids.dtype}.")
+    wide = ids.dtype.itemsize > 4 or (ids.dtype.itemsize == 4 and ids.dtype.kind == "u")
+    target = jax.dtypes.canonicalize_dtype(jnp.int64 if wide else jnp.int32)
+    return ids if ids.dtype == target else ids.astype(target)

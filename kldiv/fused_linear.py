@@ -294,9 +294,12 @@ def _pass(
     if not grads:
         return for_each_chunk(n, c, body, (loss0,))
     if cfg.grad_filter is not None:
-        zeros = (jnp.zeros(hs.shape[::-1], cdt), jnp.zeros(ws.shape, cdt), jnp.zeros(3, cdt))
-        init = cast(tuple[jax.Array, ...], match_vma(*zeros, hs, ws)[:3])
-        out = for_each_chunk(n, c, body, (loss0, *init))
+        zeros = (jnp.zeros(hs.shape[::-1], cdt), jnp.zeros(ws.shape, cdt))
+        init = cast(tuple[jax.Array, ...], match_vma(*zeros, hs, ws)[:2])
+        # the derivatives w.r.t. soft_weight, hard_weight and T sum per-token values, which vary
+        # like the hidden states and the weights, not over a vocabulary split of the heads
+        aux0 = cast(jax.Array, match_vma(jnp.zeros(3, cdt), hs, weights)[0])
+        out = for_each_chunk(n, c, body, (loss0, *init, aux0))
         return out[0], psum(out[1].T, cfg.hidden_psum or None), out[2], out[3]
     # The first chunk starts the sums: its weight-gradient product is the accumulator (no zero
     # fill and no accumulation pass for it).
@@ -376,7 +379,7 @@ def _chunk_tokens(n: int, v: int, cdt, chunk_size: int | None) -> int:
         tuning = _tuning()
         chunk = max(tuning.min_chunk, tuning.chunk_bytes // max(1, v * jnp.dtype(cdt).itemsize))
     else:
-        chunk = int(chunk_size)
+        chunk = _checks.check_static_int("chunk_size", chunk_size, 1)
     return max(1, min(max(n, 1), chunk))
 
 
@@ -418,9 +421,41 @@ def _fused_reduce(
         return reduce_fn(values_fn())
     weights = _reduction_weights(reduce_fn, n, cdt, like, exclude)
     total, values = scalar_fn(weights)
-    value = reduce_fn(jax.lax.stop_gradient(values))
-    delta = total - jax.lax.stop_gradient(total)
-    return value + jnp.where(jnp.isfinite(delta), delta, jnp.zeros_like(delta))
+    return _with_gradient_of(reduce_fn(jax.lax.stop_gradient(values)), total)
+
+
+@jax.custom_jvp
+def _with_gradient_of(value, total):
+    """``value``, differentiated as ``total`` (equal values up to rounding: the reduced loss
+    and Σ weights·values, whose gradient the fused pass formed).
+
+    Unlike ``value + (total − stop_gradient(total))`` this passes the gradient on when the total
+    is ±inf or NaN (a row at +inf, a NaN in one token): inf − inf would make the sum NaN, and
+    masking that would zero every gradient. The gradients are then those of autodiff through
+    the materialised logits: finite where a token's are, NaN only where NaN reaches.
+    """
+    del total
+    return value
+
+
+@_with_gradient_of.defjvp
+def _with_gradient_of_jvp(primals, tangents):
+    value, _ = primals
+    return value, tangents[1]
+
+
+def _operands(h: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A head's hidden states and weight in one dtype, that of ``h @ w`` (their promotion).
+
+    The gradient products take their operands in it: with bfloat16 hidden states and a float32
+    weight the logits' cotangent stays float32 in xᵀ·dz, as in autodiff of the materialised
+    ``h @ w``, instead of being rounded to the narrower operand's dtype. Equal dtypes (the usual
+    case) are returned as they are; a mixed pair costs a copy of the narrower operand, the copy
+    that ``h @ w`` makes. The casts are differentiable, so the gradients come back in the
+    inputs' own dtypes.
+    """
+    dtype = jnp.promote_types(h.dtype, w.dtype)
+    return h.astype(dtype), w.astype(dtype)
 
 
 def _check_matrix(name_h, h, name_w, w):
@@ -547,7 +582,9 @@ def fused_linear_kl(
       teacher_weight: ``[H_t, V_t]`` teacher output projection (frozen).
       student_hidden: ``[..., H_s]`` student hidden states (the inputs of its output layer).
       student_weight: ``[H_s, V_s]`` student output projection (a Flax ``Dense`` kernel; for a
-        torch-style ``[V, H]`` matrix pass its transpose).
+        torch-style ``[V, H]`` matrix pass its transpose). A head whose hidden states and weight
+        have different dtypes computes in their promotion, as ``h @ w`` does (bfloat16 hidden
+        states with a float32 weight: float32 products, float32-accurate gradients).
       reduction: ``"none"``, ``"sum"``, ``"mean"``, ``"batchmean"`` or ``"dataset"`` (no
         default; see :func:`kldiv.reduce`).
       mask: optional token keep-mask (boolean, or numeric weights as in :func:`kldiv.reduce`),
@@ -559,18 +596,21 @@ def fused_linear_kl(
         keeps gradient magnitudes comparable across temperatures). Off by default: no T² unless
         asked for.
       labels: optional integer targets ``[...]`` in [0, V) (or ``ignore_index``) for the hard
-        term; entries equal to ``ignore_index`` drop the token from both terms.
-      hard_weight, soft_weight: weights of the two terms (Python numbers or scalar arrays).
+        term, of any integer dtype (narrow and unsigned ones, e.g. uint16 ids of a 65536-token
+        vocabulary, are compared with V and ``ignore_index`` in a dtype that holds both);
+        entries equal to ``ignore_index`` drop the token from both terms.
+      hard_weight, soft_weight: weights of the two terms (Python numbers or scalar arrays; for
+        per-token weights use ``mask``).
       ignore_index: the label value of ignored tokens.
       vocab_size: compare over the first V token ids of both heads. Required when the two
         vocabularies differ (e.g. padded 151936 vs 151665 columns); otherwise a ValueError names
         both sizes. The student's columns beyond V get zero gradient.
       dataset_size, count, batch_size: passed to :func:`kldiv.reduce`.
-      chunk_size: tokens per chunk; default per backend: on CPU about ``CHUNK_BYTES`` of
-        ``[C, V]`` logits, at least ``MIN_CHUNK`` tokens; on GPU and TPU at least 1024 tokens
-        and one weight-gradient product over all of H per chunk. Temporary memory is about
-        four ``[C, V]`` blocks plus one ``[H, V]`` weight-gradient accumulator, whatever the
-        number of tokens.
+      chunk_size: tokens per chunk (a Python int ≥ 1); default per backend: on CPU about
+        ``CHUNK_BYTES`` of ``[C, V]`` logits, at least ``MIN_CHUNK`` tokens; on GPU and TPU at
+        least 1024 tokens and one weight-gradient product over all of H per chunk. Temporary
+        memory is about four ``[C, V]`` blocks plus one ``[H, V]`` weight-gradient accumulator,
+        whatever the number of tokens.
       grad_filter: None (default: the exact gradient) or a Python number τ ≥ 0: gradient
         filtering of the backward products, after Cut Cross-Entropy (Wijmans et al. 2024). Per
         chunk of C tokens and tile of ``GRAD_FILTER_TILE`` vocabulary columns, a tile in which
@@ -698,8 +738,9 @@ def fused_linear_kl(
             raise TypeError(f"kldiv: `beta` must be a Python number; got {type(beta).__name__}.")
         if not 0 <= beta <= 1:
             raise ValueError(f"kldiv: `beta` must be in [0, 1]; got {beta}.")
-    temperature = _checks.check_temperature(temperature)
     grad_filter = _checks.check_grad_filter(grad_filter)
+    _checks.check_scalar_weight("soft_weight", soft_weight)
+    _checks.check_scalar_weight("hard_weight", hard_weight)
     if labels is None and not (isinstance(hard_weight, numbers.Real) and hard_weight == 0):
         raise ValueError("kldiv: `hard_weight` is set but no `labels` were given.")
 
@@ -723,14 +764,14 @@ def fused_linear_kl(
     wt = wt if v == vt else wt[:, :v]
     ht = jax.lax.stop_gradient(ht)
     cdt = _checks.compute_dtype(hs, ws, ht, wt)
+    temperature = _checks.check_temperature(temperature, dtype=cdt)
+    hs, ws = _operands(hs, ws)
     teacher_tr, student_tr = _checks.logit_transforms(logit_scale, softcap, cdt)
 
     # Kept tokens: the reduction's mask, and labels other than ignore_index.
     reduce_mask = _checks.check_mask(mask, lead, "mask", numeric=True)
     if labels is not None:
-        labels = jnp.asarray(labels)
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise TypeError(f"kldiv: `labels` must have an integer dtype; got {labels.dtype}.")
+        labels = _checks.token_ids("labels", labels)
         if labels.shape != lead:
             raise ValueError(
                 f"kldiv: `labels` {labels.shape} must have the hidden states' leading shape {lead}."

@@ -34,6 +34,7 @@ from kldiv.fused_linear import (
     _chunk_tokens,
     _fused_reduce,
     _hidden_grad_t,
+    _operands,
     _weight_grad,
 )
 from kldiv.topk import _check_tail, _check_teacher, _topk_kl_rows
@@ -222,8 +223,8 @@ def fused_linear_topk_kl(
     finite logits of any size, never negative, finite gradients wherever the value is finite.
 
     Args:
-      teacher_ids: int ``[..., k]``, the teacher's top-k token ids (distinct, in [0, V)). The
-        reference (teacher) comes first, as everywhere in kldiv.
+      teacher_ids: ``[..., k]`` integer (any integer dtype), the teacher's top-k token ids
+        (distinct, in [0, V)). The reference (teacher) comes first, as everywhere in kldiv.
       teacher_log_probs: float ``[..., k]``, their log-probabilities under the full teacher
         distribution (−inf allowed), at the temperature you distil at. Differentiable.
       student_hidden: ``[..., H]`` student hidden states (the inputs of its output layer).
@@ -308,13 +309,14 @@ def fused_linear_topk_kl(
             f"kldiv: leading shapes differ: `teacher_ids` {ids.shape} vs `student_hidden` "
             f"{jnp.shape(student_hidden)}; expected [..., k] and [..., H] with the same [...]."
         )
-    temperature = _checks.check_temperature(temperature)
     vs = jnp.shape(student_weight)[1]
     v = _vocab(vs, vocab_size)
     hs = jnp.asarray(student_hidden)
     ws_full = jnp.asarray(student_weight)
     ws = ws_full if v == vs else ws_full[:, :v]
     cdt = _checks.compute_dtype(hs, ws, lp)
+    temperature = _checks.check_temperature(temperature, dtype=cdt)
+    hs, ws = _operands(hs, ws)
     k = ids.shape[-1]
 
     slot_keep = _checks.check_mask(where, ids.shape)

@@ -25,7 +25,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,12 +55,6 @@ class MCKLEstimate(NamedTuple):
 
     value: jax.Array
     stderr: jax.Array
-
-
-def _check_count(name: str, n, minimum: int) -> int:
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < minimum:
-        raise ValueError(f"kldiv: `{name}` must be a Python int ≥ {minimum}; got {n!r}.")
-    return int(n)
 
 
 def _per_sample(z, n: int, log_p_fn, log_q_fn, control_variate: bool) -> jax.Array:
@@ -201,9 +194,9 @@ def mc_kl(
       J. Schulman (2020), "Approximating KL Divergence"; Kingma & Welling (2014),
       "Auto-Encoding Variational Bayes"; Chan, Golub & LeVeque (1979) for the chunked variance.
     """
-    num_samples = _check_count("num_samples", num_samples, 2)
+    num_samples = _checks.check_static_int("num_samples", num_samples, 2)
     if chunk_size is not None:
-        chunk_size = _check_count("chunk_size", chunk_size, 1)
+        chunk_size = _checks.check_static_int("chunk_size", chunk_size, 1)
 
     def stats(k, n):
         f = _per_sample(sample_fn(k, n), n, log_p_fn, log_q_fn, control_variate)

@@ -84,11 +84,12 @@ def validate_topk_ids(teacher_ids: ArrayLike, vocab_size: int) -> jax.Array:
       kldiv: `teacher_ids` repeats an id within a row; top-k ids must be distinct...
     """
     teacher_ids = jnp.asarray(teacher_ids)
+    ids = _checks.token_ids("teacher_ids", teacher_ids)
     checkify.check(
-        jnp.all((teacher_ids >= 0) & (teacher_ids < vocab_size)),
+        jnp.all((ids >= 0) & (ids < vocab_size)),
         f"kldiv: `teacher_ids` has ids outside [0, {vocab_size}).",
     )
-    srt = jnp.sort(teacher_ids, axis=-1)
+    srt = jnp.sort(ids, axis=-1)
     checkify.check(
         jnp.all(srt[..., 1:] != srt[..., :-1]),
         "kldiv: `teacher_ids` repeats an id within a row; top-k ids must be distinct.",
@@ -103,9 +104,7 @@ def _check_tail(tail: str) -> None:
 
 def _check_teacher(teacher_ids: ArrayLike, teacher_log_probs: ArrayLike):
     """The stored teacher as arrays: integer ids and floating log-probs of one shape [..., k]."""
-    teacher_ids = jnp.asarray(teacher_ids)
-    if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
-        raise TypeError(f"kldiv: `teacher_ids` must be integer; got dtype {teacher_ids.dtype}.")
+    teacher_ids = _checks.token_ids("teacher_ids", teacher_ids)
     _checks.check_floating("teacher_log_probs", teacher_log_probs)
     lp = jnp.asarray(teacher_log_probs)
     if teacher_ids.shape != lp.shape:
@@ -180,7 +179,8 @@ def kl_topk_teacher(
     """KL(teacher ‖ student) with a top-k teacher, per position (or reduced).
 
     Args:
-      teacher_ids: int ``[..., k]``, the teacher's top-k token ids (distinct, in [0, V)).
+      teacher_ids: ``[..., k]`` integer (any integer dtype), the teacher's top-k token ids
+        (distinct, in [0, V)).
       teacher_log_probs: float ``[..., k]``, the teacher's log-probabilities of those ids under
         its full distribution (Σ_k exp ≤ 1; −inf allowed). Compute them at the temperature you
         distil at (for ``"renormalize"``, dividing stored T = 1 log-probs by T is exact).

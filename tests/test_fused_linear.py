@@ -269,6 +269,18 @@ def test_errors():
         fused_linear_kl(ht, wt, hs.astype(np.int32), ws, reduction="sum")
     with pytest.raises(ValueError, match="temperature"):
         fused_linear_kl(ht, wt, hs, ws, reduction="sum", temperature=0.0)
+    f32 = [np.asarray(x, np.float32) for x in (ht, wt, hs, ws)]
+    with pytest.raises(ValueError, match="temperature.*smallest normal float32"):
+        fused_linear_kl(*f32, reduction="sum", temperature=1e-39)
+    for bad in (0, -3, 2.7, "2", True, np.int32(4)[None]):
+        with pytest.raises(ValueError, match="chunk_size"):
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", chunk_size=bad)
+    for name in ("soft_weight", "hard_weight"):
+        labels = np.zeros(N, np.int32)
+        with pytest.raises(ValueError, match=f"`{name}` must be a scalar"):
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", labels=labels, **{name: np.ones(N)})
+        with pytest.raises(TypeError, match=name):
+            fused_linear_kl(ht, wt, hs, ws, reduction="sum", labels=labels, **{name: "1"})
     with pytest.raises(ValueError, match="mask"):
         fused_linear_kl(ht, wt, hs, ws, reduction="sum", mask=np.ones(N + 1, bool))
     with pytest.raises(ValueError, match="dataset_size"):
@@ -360,6 +372,96 @@ def test_out_of_range_labels():
     )
     dropped = np.where(np.arange(N) == 2, -100, labels)
     np.testing.assert_allclose(f(labels), f(dropped), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dtype, v",
+    [(np.uint8, 256), (np.int8, 128), (np.uint16, 65536), (np.int16, 32768), (np.uint32, 300)],
+)
+def test_narrow_and_unsigned_labels_equal_int32_labels(dtype, v):
+    """The vocabulary bound and ignore_index are compared in a dtype that holds them: in the
+    labels' own dtype V = 256 (uint8), 128 (int8), 65536 (uint16), 32768 (int16) wraps, which
+    put every label out of range, and −100 is 156 as a uint8 (a valid id taken for ignored)."""
+    rng = _rng(21)
+    n, h = 6, 3
+    hs, ht = rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    ws, wt = 0.1 * rng.normal(size=(h, v)), 0.1 * rng.normal(size=(h, v))
+    top = np.iinfo(dtype).max if v > np.iinfo(dtype).max else v - 1
+    labels = np.array([0, 1, 156 % v, v // 2, top, v - 1]).astype(dtype)
+
+    def loss(y, reduction="mean"):
+        return lambda hs_: fused_linear_kl(
+            ht, wt, hs_, ws, reduction=reduction, labels=y, hard_weight=1.0, chunk_size=4
+        )
+
+    wide = labels.astype(np.int32)
+    want, want_g = jax.value_and_grad(loss(wide))(hs)
+    for f in (loss(labels), jax.jit(loss(labels))):  # eager (validated) and traced
+        got, got_g = jax.value_and_grad(f)(hs)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got_g, want_g, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loss(labels, "none")(hs), loss(wide, "none")(hs), rtol=1e-6)
+
+
+@pytest.mark.parametrize("h_dtype, w_dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_mixed_precision_heads_differentiate_like_the_materialised_product(h_dtype, w_dtype):
+    """With one head operand in bfloat16 and the other in float32, the gradient products take
+    the float32 cotangent unrounded, as autodiff through ``h @ w`` (promoted to float32) does:
+    the float32 gradient keeps float32 accuracy, not bfloat16's (~1e-3 before)."""
+    rng = _rng(22)
+    n, h, v = 16, 32, 64
+    ht, wt, hs, ws = (rng.normal(size=s) for s in ((n, h), (h, v), (n, h), (h, v)))
+    hs, ht = jnp.asarray(hs, h_dtype), jnp.asarray(ht, h_dtype)
+    ws, wt = jnp.asarray(ws, w_dtype), jnp.asarray(wt, w_dtype)
+
+    def fused(hs_, ws_):
+        return fused_linear_kl(ht, wt, hs_, ws_, reduction="mean", temperature=2.0, chunk_size=5)
+
+    def materialised(hs_, ws_):
+        return jnp.mean(kldiv.kl_from_logits(ht @ wt, hs_ @ ws_, temperature=2.0, impl="xla"))
+
+    got = jax.grad(fused, argnums=(0, 1))(hs, ws)
+    want = jax.grad(materialised, argnums=(0, 1))(hs, ws)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        if g.dtype == jnp.float32:  # the operand kept in float32: float32 accuracy
+            scale = float(jnp.max(jnp.abs(w)))
+            np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * scale)
+
+
+def test_non_finite_total_keeps_every_token_gradient():
+    """The reduced value is that of the reduction, its gradient that of the fused pass: a total
+    at +inf (a token's KL overflows, the others' sum too) or NaN (one token's hidden state) must
+    not zero the gradients, which autodiff through the materialised logits gives finite."""
+    rng = _rng(23)
+    n, h, v = 3, 5, 4
+    hs = (rng.normal(size=(n, h)) * 1e18).astype(np.float32)
+    ws = (rng.normal(size=(h, v)) * 1e19).astype(np.float32)
+    t = 0.2  # per-token KL ≈ 2e38 against the opposite head: the sum overflows
+
+    def fused(hs_, ws_):
+        return fused_linear_kl(hs, -ws, hs_, ws_, reduction="sum", temperature=t)
+
+    def materialised(hs_, ws_):
+        return jnp.sum(kldiv.kl_from_logits(hs @ -ws, hs_ @ ws_, temperature=t, impl="xla"))
+
+    values = fused_linear_kl(hs, -ws, hs, ws, reduction="none", temperature=t)
+    assert not np.isfinite(np.sum(values, dtype=np.float32)) and np.sum(np.isfinite(values)) >= 2
+    (v_f, g_f), (v_m, g_m) = (
+        jax.value_and_grad(f, argnums=(0, 1))(hs, ws) for f in (fused, materialised)
+    )
+    assert v_f == v_m == np.inf
+    for a, b in zip(g_f, g_m, strict=True):
+        assert np.all(np.isfinite(a)) and float(jnp.max(jnp.abs(a))) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+    # a NaN in one token's hidden state: NaN value, the other tokens' gradients as autodiff's
+    ht2, wt2, hs2, ws2 = (rng.normal(size=s).astype(np.float32) for s in ((n, h), (h, v)) * 2)
+    hs2[2, 0] = np.nan
+    got = jax.grad(lambda x: fused_linear_kl(ht2, wt2, x, ws2, reduction="mean"))(hs2)
+    want = jax.grad(lambda x: jnp.mean(kldiv.kl_from_logits(ht2 @ wt2, x @ ws2, impl="xla")))(hs2)
+    np.testing.assert_allclose(got[:2], want[:2], rtol=1e-5, atol=1e-7)
+    assert np.all(np.isfinite(got[:2])) and np.all(np.isnan(got[2]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,6 +319,56 @@ def test_errors():
         f(ids, lp, hs, ws, tail="bucket", reduction="sum", where=np.ones((N, K + 1), bool))
     with pytest.raises(ValueError, match="dataset_size"):
         f(ids, lp, hs, ws, tail="bucket", reduction="dataset")
+    with pytest.raises(ValueError, match="temperature.*smallest normal float32"):
+        f(
+            ids,
+            lp.astype(np.float32),
+            hs.astype(np.float32),
+            ws.astype(np.float32),
+            tail="bucket",
+            reduction="sum",
+            temperature=1e-39,
+        )
+    for bad in (0, 2.7, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            f(ids, lp, hs, ws, tail="bucket", reduction="sum", chunk_size=bad)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_uint16_ids_of_a_65536_token_vocabulary(tail):
+    """Ids are compared with V in a dtype that holds it: as a uint16, V = 65536 is 0, which
+    put every id out of range (NaN)."""
+    rng = np.random.default_rng(31)
+    n, h, v = 3, 4, 65536
+    hs, ws = rng.normal(size=(n, h)), 0.1 * rng.normal(size=(h, v))
+    ids = np.array([[1, 40000, 65535], [7, 8, 9], [100, 200, 65534]])
+    lp = np.log(np.full((n, 3), 0.2))
+
+    def loss(i):
+        return lambda w: fused_linear_topk_kl(i, lp, hs, w, tail=tail, reduction="mean")
+
+    want, want_g = jax.value_and_grad(loss(ids))(ws)
+    got, got_g = jax.value_and_grad(loss(ids.astype(np.uint16)))(ws)
+    assert np.isfinite(want)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-6, atol=1e-9)
+
+
+def test_mixed_precision_head_differentiates_like_the_materialised_product():
+    """bfloat16 hidden states against a float32 weight: the weight's float32 gradient keeps
+    float32 accuracy (the cotangent enters xᵀ·dz unrounded, as in autodiff of ``h @ w``)."""
+    ids, lp, hs, ws = _inputs(32, dtype=np.float32)
+    hs = jnp.asarray(hs, jnp.bfloat16)
+
+    def fused(w):
+        return fused_linear_topk_kl(ids, lp, hs, w, tail="bucket", reduction="mean", chunk_size=4)
+
+    def materialised(w):
+        return kldiv.kl_topk_teacher(ids, lp, hs @ w, tail="bucket", reduction="mean")
+
+    got, want = jax.grad(fused)(ws), jax.grad(materialised)(ws)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
 
 
 def test_empty_input():

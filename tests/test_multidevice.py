@@ -253,19 +253,32 @@ _VOCAB_SPECS = (P("data"), P(None, "vocab"), P("data"), P(None, "vocab"), P("dat
 
 
 @pytest.mark.parametrize(
-    ("direction", "temperature"),
-    [("forward", 1.0), ("forward", 1.7), ("reverse", 1.7), ("jsd", 1.7)],
+    ("direction", "temperature", "grad_filter"),
+    [
+        ("forward", 1.0, None),
+        ("forward", 1.7, None),
+        ("reverse", 1.7, None),
+        ("jsd", 1.7, None),
+        ("forward", 1.7, 0.0),
+    ],
 )
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_fused_linear_kl_vocabulary_parallel_matches_unsharded(
-    mesh_2d, direction, reduction, temperature
+    mesh_2d, direction, reduction, temperature, grad_filter
 ):
     """Tokens over "data", both heads split by vocabulary over "vocab" (each device holds only
     [H, V/2] columns): values and gradients (student hidden and weight) equal the unsharded
     computation, with a mask, labels (ignore_index, the hard term) and a temperature; "mean"
-    counts each token once (not once per vocabulary shard)."""
+    counts each token once (not once per vocabulary shard). With ``grad_filter=0`` too (its
+    loop's sums of the per-token derivatives do not vary over the vocabulary split)."""
     ht, wt, hs, ws, labels, mask = _vocab_parallel_data()
-    kw = dict(direction=direction, temperature=temperature, hard_weight=0.3, chunk_size=4)
+    kw = dict(
+        direction=direction,
+        temperature=temperature,
+        hard_weight=0.3,
+        chunk_size=4,
+        grad_filter=grad_filter,
+    )
 
     def fused(ht, wt, hs, ws, labels, mask, axis_name=None, count=None):
         return kldiv.fused_linear_kl(
@@ -413,11 +426,12 @@ def test_fused_linear_kl_data_parallel_with_a_sharded_mask(mesh, reduction):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("grad_filter", [None, 0.0])
 @pytest.mark.parametrize("check_vma", [True, False])
-def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma):
+def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma, grad_filter):
     """Vocabulary split over all 4 devices, tokens replicated, with and without shard_map's
     varying-axes checks: the hidden states' gradient is the psum of the per-shard products
-    either way (through the cast's transpose or explicitly)."""
+    either way (through the cast's transpose or explicitly); with ``grad_filter=0`` as well."""
     if jax.device_count() < 4:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
     mesh_v = Mesh(np.array(jax.devices()[:4]), ("vocab",))
@@ -427,7 +441,14 @@ def test_fused_linear_kl_vocabulary_parallel_replicated_tokens(check_vma):
 
     def loss(hs, ws, wt, axis_name=None):
         return kldiv.fused_linear_kl(
-            ht, wt, hs, ws, reduction="mean", temperature=1.3, axis_name=axis_name
+            ht,
+            wt,
+            hs,
+            ws,
+            reduction="mean",
+            temperature=1.3,
+            axis_name=axis_name,
+            grad_filter=grad_filter,
         )
 
     want, want_g = jax.value_and_grad(loss, (0, 1))(hs, ws, wt)

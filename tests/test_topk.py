@@ -152,6 +152,22 @@ def test_bf16_student_accumulates_in_float32():
     assert out.dtype == jnp.float32
 
 
+def test_uint16_ids_of_a_65536_token_vocabulary():
+    """kl_topk_teacher and validate_topk_ids compare uint16 ids with V = 65536 in a dtype that
+    holds it (as a uint16 it is 0: every id was out of range, NaN, and the check failed)."""
+    rng = np.random.default_rng(41)
+    s = rng.normal(size=(2, 65536)).astype(np.float32)
+    ids = np.array([[0, 40000, 65535], [5, 6, 65534]])
+    lp = np.log(np.full((2, 3), 0.25, np.float32))
+    for tail in ("renormalize", "bucket"):
+        want = kldiv.kl_topk_teacher(ids, lp, s, tail=tail, reduction="none")
+        got = kldiv.kl_topk_teacher(ids.astype(np.uint16), lp, s, tail=tail, reduction="none")
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    err, out = checkify.checkify(lambda i: kldiv.validate_topk_ids(i, 65536))(ids.astype(np.uint16))
+    assert err.get() is None and out.dtype == np.uint16
+
+
 def test_errors():
     ids, lp, s, _ = _case()
     with pytest.raises(ValueError, match="tail"):
