@@ -190,19 +190,18 @@ def check_temperature(temperature, batch_shape: tuple[int, ...] | None = None, d
     normal number, below which the division flushes to zero); it is returned as a float. An
     array must be real; one value (shape ``()``) or one per example, broadcastable to
     ``batch_shape`` (the logits' shape without the event axis), returned with a trailing axis
-    so that it broadcasts over the vocabulary. Concrete arrays must be > 0; traced ones are used
-    as given (check them with ``checkify`` if they can be ≤ 0). TypeError for booleans, strings
-    and other objects, ValueError for values or shapes outside this, each naming `temperature`.
+    so that it broadcasts over the vocabulary. Concrete arrays are held to the same bounds as
+    numbers; traced ones are used as given (check them with ``checkify`` if they can be ≤ 0).
+    TypeError for booleans, strings and other objects, ValueError for values or shapes outside
+    this, each naming `temperature`.
     """
     if isinstance(temperature, bool) or isinstance(temperature, np.bool_):
         raise TypeError("kldiv: `temperature` must be a number > 0 or a real array; got a bool.")
+    tiny = float(jnp.finfo(dtype).tiny) if dtype is not None else 0.0
+    allowed = f"≥ {tiny:.3g} (the smallest normal {jnp.dtype(dtype).name})" if tiny else "> 0"
     if isinstance(temperature, numbers.Real):
         t = float(temperature)
-        tiny = float(jnp.finfo(dtype).tiny) if dtype is not None else 0.0
         if not (np.isfinite(t) and t > 0 and t >= tiny):
-            allowed = (
-                f"≥ {tiny:.3g} (the smallest normal {jnp.dtype(dtype).name})" if tiny else "> 0"
-            )
             raise ValueError(f"kldiv: `temperature` must be finite and {allowed}; got {t}.")
         return t
     if not hasattr(temperature, "dtype") and not isinstance(temperature, (list, tuple)):
@@ -213,8 +212,14 @@ def check_temperature(temperature, batch_shape: tuple[int, ...] | None = None, d
     t = jnp.asarray(temperature)
     if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
         raise TypeError(f"kldiv: `temperature` must be real; got dtype {t.dtype}.")
-    if is_concrete(t) and t.size and not bool(jnp.all(t > 0)):
-        raise ValueError("kldiv: `temperature` must be > 0; got values ≤ 0 (or NaN).")
+    if is_concrete(t) and t.size:
+        # on the host: a device comparison would flush a subnormal value to 0 first
+        values = np.asarray(t, np.float64)
+        bad = values[~(np.isfinite(values) & (values > 0) & (values >= tiny))]
+        if bad.size:
+            raise ValueError(
+                f"kldiv: `temperature` must be finite and {allowed}; got {bad[:3].tolist()}."
+            )
     if t.ndim == 0:
         return t
     if batch_shape is None:

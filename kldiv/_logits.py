@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from kldiv import _checks
 from kldiv._numerics import (
+    centred_half_difference,
     kl_logits_grads,
     logit_kl_terms,
     logits_stats,
@@ -69,17 +70,22 @@ def fill_masked(p, q, where, fill: float):
     return jnp.where(where, p, fill), jnp.where(where, q, fill)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def kl_logits_core(a, b, axis_name=None):
-    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def kl_logits_core(a, b, centred=None, axis_name=None):
+    """KL(softmax(a)‖softmax(b)) per row of prepared logits, with its closed-form JVP.
+
+    ``centred``: for tempered logits, their halved centred difference formed before the division
+    (:func:`tempered_pair`; ``_numerics.centred_half_difference``), or None (T = 1). A constant
+    of the computation: the derivatives flow through ``a`` and ``b``."""
+    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name), centred=centred)
     return psum(jnp.sum(logit_kl_terms(p, q, x), axis=-1), axis_name)
 
 
 @kl_logits_core.defjvp
 def _kl_logits_jvp(axis_name, primals, tangents):
-    a, b = primals
-    da, db = tangents
-    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name))
+    a, b, centred = primals
+    da, db, _ = tangents
+    p, q, x = logits_terms(a, b, *logits_stats(a, b, axis_name), centred=centred)
     out = psum(jnp.sum(logit_kl_terms(p, q, x), axis=-1), axis_name)
     # d/da = p·(log(p/q) − KL), d/db = q − p (softmax(b) − softmax(a)).
     ga, gb = kl_logits_grads(p, q, x, out[..., None])
@@ -234,22 +240,26 @@ def temper_and_mask(
     # (x − c)/T as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow.
     half = 0.5 * jnp.where(live, x, center) - 0.5 * jax.lax.stop_gradient(center)
     t = jnp.asarray(temperature, dtype)
-    return jnp.where(live, 2 * _divide(half, t), -jnp.inf) + _dead_entry_zeros(x, live, t)
+    return jnp.where(live, _divide(half, t), -jnp.inf) + _dead_entry_zeros(x, live, t)
 
 
 @jax.custom_jvp
 def _divide(x, t):
-    return x / t
+    """2·(x/t): the halved centred logits back at full scale, divided by T."""
+    return 2 * (x / t)
 
 
 @_divide.defjvp
 def _divide_jvp(primals, tangents):
-    # d(x/t) = dx/t − (x/t)/t·dt, saturated: a tiny T gives huge, never infinite, derivatives.
+    # d(2x/t) = (2/t)·dx − (y/t)·dt, saturated: a tiny T gives huge, never infinite, local
+    # derivatives. The factor 2 sits in the coefficient, not on the cotangent: a saturated
+    # cotangent (a row at KL = +inf) doubled would overflow to ±inf first, and 0 · inf = NaN
+    # at the row maximum (y = 0) in the gradient w.r.t. a traced T.
     x, t = primals
     dx, dt = tangents
-    y = x / t
+    y = _divide(x, t)
     inv = saturate(1 / t, nan_to_zero=False)
-    return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
+    return y, dx * saturate(2 * inv, nan_to_zero=False) - saturate(y * inv, nan_to_zero=False) * dt
 
 
 @jax.custom_jvp
@@ -333,12 +343,57 @@ def temper_and_mask_pair(
     )
 
 
+def tempered_pair(
+    a,
+    b,
+    temperature: float | ArrayLike = 1.0,
+    where=None,
+    axis_name=None,
+    transforms: Transforms = NO_TRANSFORMS,
+):
+    """:func:`temper_and_mask_pair` and the pair's halved centred difference formed before the
+    division by T (``_numerics.centred_half_difference``, None at T = 1), for
+    :func:`kl_logits_core` and ``logits_terms(centred=)``: at T ≠ 1 the tempered logits are
+    each rounded after the division, and their difference with them."""
+    dtype = _checks.compute_dtype(a, b)
+    at, bt = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms)
+    if is_unit(temperature):
+        return at, bt, None
+    ca, cb = masked_row_max_pair(a, b, dtype, where, axis_name)
+    centred = untempered_half_difference(a, b, ca, cb, dtype, where, transforms, temperature)
+    return at, bt, centred
+
+
+def untempered_half_difference(
+    a,
+    b,
+    ca,
+    cb,
+    dtype,
+    where=None,
+    transforms: Transforms = NO_TRANSFORMS,
+    temperature: float | ArrayLike = 1.0,
+):
+    """``_numerics.centred_half_difference`` of stored logit rows ``a``, ``b`` about their raw
+    centres ``ca``, ``cb`` (as :func:`temper_and_mask` centres them): cast, masked and
+    transformed as every path reads them, differenced error-free, then divided by T. Under
+    ``stop_gradient``: a constant of the KL's closed-form derivatives."""
+    ta, tb = transforms
+    xa = temper_and_mask(a, dtype, 1.0, where, transform=ta)
+    xb = temper_and_mask(b, dtype, 1.0, where, transform=tb)
+    cat = transform_logits(ca, ta)
+    cbt = transform_logits(cb, tb)
+    t = temperature if static_temperature(temperature) is not None else jnp.asarray(temperature)
+    centred = centred_half_difference(xa, xb, cat, cbt, t)
+    return jax.lax.stop_gradient(centred)
+
+
 def kl_logits_aligned(
     a, b, where=None, temperature: float | ArrayLike = 1.0, transforms: Transforms = NO_TRANSFORMS
 ):
     """The XLA path on aligned logits (event axis last, storage dtypes, as from
     :func:`align_pair`): whole arrays through :func:`temper_and_mask`, then the core."""
-    return kl_logits_core(*temper_and_mask_pair(a, b, temperature, where, None, transforms), None)
+    return kl_logits_core(*tempered_pair(a, b, temperature, where, None, transforms), None)
 
 
 def prepare_logits(

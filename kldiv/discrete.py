@@ -39,6 +39,7 @@ from kldiv._logits import (
     prepare_pair,
     static_temperature,
     temper_and_mask_pair,
+    tempered_pair,
 )
 from kldiv._numerics import kl_terms, log_ratio, saturate
 from kldiv.fused.chunked import kl_logits_chunked
@@ -345,8 +346,9 @@ def kl_from_logits(
     temperature = _checks.check_temperature(temperature, a.shape[:-1], dtype)
     transforms = _checks.logit_transforms(logit_scale, softcap, dtype)
     if axis_name is not None:
-        pair = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms)
-        return kl_logits_core(*pair, axis_name)
+        return kl_logits_core(
+            *tempered_pair(a, b, temperature, where, axis_name, transforms), axis_name
+        )
     return _kl_from_aligned_logits(
         a, b, impl, where=where, temperature=temperature, transforms=transforms
     )

@@ -27,7 +27,7 @@ from kldiv import _checks
 from kldiv._checks import DIRECTIONS, REDUCTIONS, Direction, PairOption, Reduction
 from kldiv._logits import (
     static_temperature,
-    temper_and_mask_pair,
+    tempered_pair,
     transform_logits,
     transform_logits_grad,
 )
@@ -101,7 +101,7 @@ class _Config(NamedTuple):
     student_transform: _checks.LogitTransform | None = None
 
 
-def _soft_rows(cfg: _Config, a_t, a_s):
+def _soft_rows(cfg: _Config, a_t, a_s, centred=None):
     """Per-token divergence D of tempered teacher/student logits, ∂D/∂a_s and ∂D/∂a_t.
 
     Closed-form gradients of the shared numerics: ``kl_rows_with_grads`` for forward and reverse
@@ -109,10 +109,11 @@ def _soft_rows(cfg: _Config, a_t, a_s):
     columns are one vocabulary shard: row statistics and values are global, gradients local.
     """
     if cfg.direction == "forward":
-        values, g_t, g_s = kl_rows_with_grads(a_t, a_s, cfg.axis_name)
+        values, g_t, g_s = kl_rows_with_grads(a_t, a_s, cfg.axis_name, centred)
         return values, g_s, g_t
     if cfg.direction == "reverse":
-        values, g_s, g_t = kl_rows_with_grads(a_s, a_t, cfg.axis_name)
+        flipped = None if centred is None else -centred  # the difference is antisymmetric
+        values, g_s, g_t = kl_rows_with_grads(a_s, a_t, cfg.axis_name, flipped)
         return values, g_s, g_t
     values, g_t, g_s = js_rows_with_grads(a_t, a_s, cfg.beta, cfg.axis_name)
     return values, g_s, g_t
@@ -147,10 +148,10 @@ def _chunk_loss(cfg, hs, ws, ht, wt, labels, ct, soft_w, hard_w, temperature):
     z_t = transform_logits(z_t, cfg.teacher_transform)
     y_s = transform_logits(z_s, cfg.student_transform)
     if cfg.unit_temperature:
-        a_t, a_s = z_t, y_s
+        a_t, a_s, centred = z_t, y_s, None
     else:  # the shared tempering: centred (on global row maxima), then divided
-        a_t, a_s = temper_and_mask_pair(z_t, y_s, t, axis_name=cfg.axis_name)
-    soft, g_s, g_t = _soft_rows(cfg, a_t, a_s)
+        a_t, a_s, centred = tempered_pair(z_t, y_s, t, axis_name=cfg.axis_name)
+    soft, g_s, g_t = _soft_rows(cfg, a_t, a_s, centred)
     dz = g_s * (ct * soft_scale / t)[:, None]
     loss = soft_scale * soft
     # ∂ℓ/∂T = soft_w·(T²)'·D + soft_scale·∂D/∂T, ∂D/∂T = −(Σ_v g_t·a_t + Σ_v g_s·a_s)/T (the

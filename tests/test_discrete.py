@@ -417,6 +417,32 @@ def test_accuracy_target_near_equal(impl):
     assert np.median(np.abs(out - ref) / ref) <= 1e-3
 
 
+@pytest.mark.parametrize("t", [2.0, 4.0, 0.5])
+def test_accuracy_near_equal_at_a_temperature(impl, t):
+    """At T ≠ 1 the log-ratio of the entries is formed from the untempered centred differences
+    before the division (``_numerics.centred_half_difference``): dividing each logit first
+    rounded each independently, a median relative error of 2.4e-4 at T = 2 (1e-6 at T = 1). The
+    chunked path's sampled centres (the first V/16 columns, here 100 below the row maxima)
+    also compensate the tempered exponentials for that rounding (it erred by 1e-2 there)."""
+    with enable_x64(False):
+        rng = _rng(43)
+        a = (3.0 * rng.standard_normal((64, 1024))).astype(np.float32)
+        a[:32, :64] -= 100.0  # far below the row maxima: the chunked path's sampled centres
+        b = (a + 1e-4 * rng.standard_normal(a.shape)).astype(np.float32)
+        a64, b64 = a.astype(np.float64) / t, b.astype(np.float64) / t
+        ref = _ref_kl(np.exp(_log_softmax64(a64)), np.exp(_log_softmax64(b64)))
+        out = np.asarray(
+            jax.jit(lambda x, y: kldiv.kl_from_logits(x, y, temperature=t, impl=impl))(a, b),
+            np.float64,
+        )
+    rel = np.abs(out - ref) / ref
+    assert np.all(out >= 0)
+    assert np.median(rel) <= 1e-5, np.median(rel)
+    # the row constant log(Σe^a/Σe^b) errs by ~eps, which moves the KL at second order: ~1e-14
+    # absolute, a visible share of the smallest KLs here (2e-11 at T = 0.5)
+    assert np.all(np.abs(out - ref) <= 2e-4 * ref + 2e-14), (rel.max(), ref[rel.argmax()])
+
+
 def test_textbook_formula_fails_the_same_target():
     """Shows the accuracy test can fail: optax's float32 composition misses it by far."""
     a, b, ref = _near_pair()
@@ -535,6 +561,15 @@ def test_neg_inf_student_logit_where_p_has_mass_gets_minus_p_over_t(impl):
             assert np.all(np.isfinite(g)), g
         tg = jax.grad(lambda t: jnp.sum(kldiv.kl_from_logits(a, b, temperature=t)[1:]))(2.0)
         assert np.isfinite(tg)
+        # through the row at +inf: the saturated derivatives' plain products, which may
+        # overflow to ±inf but are never NaN (a doubled saturated cotangent overflowed before
+        # the division's rule and met y = 0 at the row maximum: 0·inf)
+        a2, b2 = _f32([[-4.568, 2.4325]]), _f32([[-np.inf, -4.3957]])
+        for x, y in ((a, b), (a2, b2)):
+            tg = jax.grad(
+                lambda t, x=x, y=y: jnp.sum(kldiv.kl_from_logits(x, y, temperature=t, impl=impl))
+            )(jnp.float32(2.0))
+            assert not np.isnan(tg), tg
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
@@ -570,6 +605,14 @@ def test_per_row_temperature_and_bad_temperatures():
                      (np.nan, ValueError), (np.ones(4), ValueError)):  # fmt: skip
         with pytest.raises(err, match="temperature"):
             kldiv.kl_from_logits(a, b, temperature=bad)
+    # concrete arrays are held to the bounds of numbers: finite and at least the smallest
+    # normal number of the compute dtype (an infinite one gave KL = 0 for its rows)
+    with enable_x64(False):
+        a32, b32 = _f32(a), _f32(b)
+        for bad in (np.array(np.inf), jnp.float32(np.inf), np.array([1.0, np.inf, 2.0]),
+                    np.array(1e-39, np.float32), np.array([1.0, 2.0, -1.0])):  # fmt: skip
+            with pytest.raises(ValueError, match=r"`temperature` must be finite and ≥ 1.18e-38"):
+                kldiv.kl_from_logits(a32, b32, temperature=bad)
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
@@ -593,6 +636,15 @@ def test_p_row_without_support_gives_zero(impl):
     assert np.all(ga[0] == 0) and np.all(gb[0] == 0)
     masked = kldiv.kl_from_logits(b, b[::-1], where=np.zeros((2, 4), bool), impl=impl)
     np.testing.assert_array_equal(masked, [0.0, 0.0])  # the all-masked row agrees
+    # ... whatever q holds, NaN included (the Pallas kernel gave NaN); NaN in p with q empty
+    # is NaN on every path
+    b_nan = np.where(np.arange(4) == 1, np.nan, b)
+    for t in (1.0, 2.0):
+        v, gb = jax.value_and_grad(
+            lambda y, t=t: jnp.sum(kldiv.kl_from_logits(a[:1], y, impl=impl, temperature=t))
+        )(b_nan[:1])
+        assert v == 0 and np.all(gb == 0)
+    assert np.isnan(kldiv.kl_from_logits(b_nan[:1], a[:1], impl=impl)[0])
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)

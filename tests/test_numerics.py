@@ -149,6 +149,24 @@ def test_merged_block_kl_is_the_kl_of_the_whole_row(t):
         np.testing.assert_allclose(_one_pass(a, b, cuts, t), want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_merged_block_kl_where_q_underflows_under_p_mass(t):
+    """A block where q's entries underflow to 0 (below float32's smallest normal) although p's
+    do not: its log mass ratio u counts p's mass there. Without it u was log1p(−1) = −inf for
+    [100, 0] against [0, 100] (NaN after the merge) and too small where part of the mass was
+    dropped (a finite KL 27% too small for logits of scale 30)."""
+    a = np.zeros((2, 6), np.float32)
+    b = np.zeros((2, 6), np.float32)
+    a[0, 4], b[0, 5] = 100.0 * t, 100.0 * t
+    rng = np.random.default_rng(5)
+    a[1], b[1] = (30 * rng.normal(size=(2, 6))).astype(np.float32)
+    want = _exact(a.astype(np.float64) / t, b.astype(np.float64) / t)
+    for cuts in ([0, 2, 6], [0, 3, 6], [0, 1, 2, 3, 4, 5, 6]):
+        got = _one_pass(a, b, cuts, t)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 def test_merged_block_kl_edges():
     a = np.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -np.inf, -np.inf], [np.nan, 0, 0, 0]])
     b = np.array([[0.0, -np.inf, 0.0, 0.0], [-np.inf, -np.inf, -np.inf, -np.inf], [0.0, 0, 0, 0]])

@@ -158,7 +158,7 @@ NAMES = {
 
 
 def _kl_logits(a, b):
-    return kl_logits_core(a, b, None)
+    return kl_logits_core(a, b, None, None)
 
 
 KL_CORES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {

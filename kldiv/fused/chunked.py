@@ -76,6 +76,8 @@ from kldiv._logits import (
     row_cotangent,
     temper_and_mask,
     tempered_max,
+    transform_logits,
+    untempered_half_difference,
 )
 from kldiv._numerics import (
     exp_and_sum,
@@ -86,6 +88,8 @@ from kldiv._numerics import (
     match_vma,
     psum,
     recentre,
+    tempered_exp_and_sum,
+    two_diff,
 )
 from kldiv.fused._rows import for_each_chunk, put_rows, rows
 
@@ -116,7 +120,7 @@ def row_sum(x: jax.Array) -> jax.Array:
 
 
 def kl_rows_with_grads(
-    a: jax.Array, b: jax.Array, axis_name=None
+    a: jax.Array, b: jax.Array, axis_name=None, centred=None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """KL(softmax(a)‖softmax(b)) per row of prepared ``[C, V]`` logits and both gradients.
 
@@ -124,10 +128,11 @@ def kl_rows_with_grads(
     statistics and terms gives the value and the gradients (XLA drops the unused one). With
     ``axis_name`` the ``V`` columns are one shard of a vocabulary split over that mapped axis (as
     ``kl_from_logits(..., axis_name=)``): row maxima, normalisers and the KL are combined across
-    the shards (pmax/psum), the gradients stay local to the shard.
+    the shards (pmax/psum), the gradients stay local to the shard. ``centred``: for tempered
+    logits, their halved centred difference before the division (``logits_terms(centred=)``).
     """
     stats, exps = logits_stats_and_exps(a, b, axis_name)
-    p, q, x = logits_terms(a, b, *stats, exps)  # each exponential formed once
+    p, q, x = logits_terms(a, b, *stats, exps, centred)  # each exponential formed once
     kl = psum(row_sum(logit_kl_terms(p, q, x)), axis_name)
     ga, gb = kl_logits_grads(p, q, x, kl[:, None])
     return kl, ga, gb
@@ -166,13 +171,23 @@ def _chunk_terms(ac, bc, w, dtype, t, transforms, cols):
     xa = temper_and_mask(ac, dtype, t, w, ca, ta)
     xb = temper_and_mask(bc, dtype, t, w, cb, tb)
     ma, mb = tempered_max(ca, t, ta), tempered_max(cb, t, tb)
+    tr = (ta, tb)
     # = logits_stats(xa, xb); the chunk's exponentials, in cache, serve both passes
     exact = cols is not None
-    (ea, sa), (eb, sb) = (
-        exp_and_sum(xa, ma, compensated=exact),
-        exp_and_sum(xb, mb, compensated=exact),
-    )
-    terms = logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb))
+    if exact and not is_unit(t):  # compensated for the roundings of x − centre and of ÷T
+        (ea, sa), (eb, sb) = (
+            tempered_exp_and_sum(
+                temper_and_mask(x, dtype, 1.0, w, transform=trx), transform_logits(m, trx), t
+            )
+            for x, m, trx in ((ac, ca, ta), (bc, cb, tb))
+        )
+    else:
+        (ea, sa), (eb, sb) = (
+            exp_and_sum(xa, ma, compensated=exact),
+            exp_and_sum(xb, mb, compensated=exact),
+        )
+    centred = None if is_unit(t) else untempered_half_difference(ac, bc, ca, cb, dtype, w, tr, t)
+    terms = logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb), centred)
     kl = row_sum(logit_kl_terms(*terms))
     return kl, sa, sb, ma, mb, (ca, cb), terms
 
@@ -383,7 +398,14 @@ def _kl_rows_bwd(c, t, tr, res, g):
             temper_and_mask(x, dtype, t, where, m, trx)
             for x, m, trx in ((a, ca, tr[0]), (b, cb, tr[1]))
         )
-        gx = kl_logits_grads(*logits_terms(ac, bc, *stats), kl[:, None])[wrt]
+        centred = None
+        if not is_unit(t):
+            # about the tempered centres (0); the saved statistics were moved onto the rows'
+            # log-normalisers (ma, mb: _recentred), so the difference moves with them
+            shift_hi, shift_lo = two_diff(0.5 * stats[0], 0.5 * stats[1])
+            centred = untempered_half_difference(a, b, ca, cb, dtype, where, tr, t)
+            centred = centred - (shift_hi + shift_lo)
+        gx = kl_logits_grads(*logits_terms(ac, bc, *stats, centred=centred), kl[:, None])[wrt]
         x = (a, b)[wrt]
         y = chain_cotangent(gx, g, t)
         return masked_logits_cotangent(y, x.dtype, where, x.astype(dtype), tr[wrt])

@@ -35,12 +35,14 @@ from kldiv._logits import (
     NO_TRANSFORMS,
     Transforms,
     chain_cotangent,
+    is_unit,
     kl_logits_aligned,
     masked_logits_cotangent,
     row_cotangent,
     temper_and_mask,
     tempered_max,
     transform_logits,
+    untempered_half_difference,
 )
 from kldiv._numerics import (
     BlockKL,
@@ -118,7 +120,17 @@ def _block_state(a, b, temperature, transforms):
     centers = tuple(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)) for m in raw_max)
     (at, bt), (ta, tb) = _tempered((a, b), centers, temperature, transforms)
     ma, mb = (transform_logits(c, tr) for c, tr in zip(centers, transforms, strict=True))
-    return block_kl(at, bt, ma, mb, ta, tb), raw_max
+    centred = _centred(a, b, centers, temperature, transforms)
+    return block_kl(at, bt, ma, mb, ta, tb, centred), raw_max
+
+
+def _centred(a, b, centers, temperature, transforms):
+    """The halved centred difference of raw rows before the division by T (None at T = 1):
+    ``logits_terms(centred=)``, as every path forms it."""
+    if is_unit(temperature):
+        return None
+    ca, cb = centers
+    return untempered_half_difference(a, b, ca, cb, a.dtype, None, transforms, temperature)
 
 
 def _fwd_kernel(*refs, block, temperature, has_where, transforms):
@@ -132,23 +144,27 @@ def _fwd_kernel(*refs, block, temperature, has_where, transforms):
     t = temperature
 
     def step(i, carry):
-        state, raw_a, raw_b, nans = carry
+        state, raw_a, raw_b, nans_a, nans_b = carry
         a, b = _load_pair(a_ref, b_ref, w_ref, i, block, dtype)[:2]
         block_state, (ba, bb) = _block_state(a, b, t, transforms)
         state = merge_block_kl(state, block_state, t)
-        # NaN in an unmasked entry propagates as on the XLA path (a GPU max would drop it).
-        nans = nans + jnp.sum((jnp.isnan(a) | jnp.isnan(b)).astype(dtype), keepdims=True)
-        return state, jnp.maximum(raw_a, ba), jnp.maximum(raw_b, bb), nans
+        nans_a = nans_a + jnp.sum(jnp.isnan(a).astype(dtype), keepdims=True)
+        nans_b = nans_b + jnp.sum(jnp.isnan(b).astype(dtype), keepdims=True)
+        return state, jnp.maximum(raw_a, ba), jnp.maximum(raw_b, bb), nans_a, nans_b
 
     empty_m = jnp.full((1,), -jnp.inf, dtype)
     zero = jnp.zeros((1,), dtype)
-    init = (BlockKL(empty_m, zero, empty_m, zero, zero, zero), empty_m, empty_m, zero)
-    state, raw_a, raw_b, nans = jax.lax.fori_loop(0, n_blocks, step, init)
+    init = (BlockKL(empty_m, zero, empty_m, zero, zero, zero), empty_m, empty_m, zero, zero)
+    state, raw_a, raw_b, nans_a, nans_b = jax.lax.fori_loop(0, n_blocks, step, init)
     # The raw row maxima (the backward's centres) and Σexp about their transformed, tempered
     # values (the state's maxima are the transformed ones: the same Σexp).
     ma, sa = finish_stats(raw_a, state.sa)
     mb, sb = finish_stats(raw_b, state.sb)
-    kl_ref[...] = jnp.where(nans > 0, jnp.nan, state.kl)
+    # NaN in an unmasked entry propagates as on the XLA path (a GPU max would drop it): NaN
+    # in p's logits always, in q's where p has support (a row where p has none is 0 whatever
+    # q holds, as every other path gives it).
+    nan_row = (nans_a > 0) | ((nans_b > 0) & (state.sa > 0))
+    kl_ref[...] = jnp.where(nan_row, jnp.nan, state.kl)
     ma_ref[...] = ma
     mb_ref[...] = mb
     sa_ref[...] = sa
@@ -170,7 +186,8 @@ def _bwd_kernel(*refs, block, temperature, has_where, wanted, transforms):
     def step(i, carry):
         a, b, w, idx, mask = _load_pair(a_ref, b_ref, w_ref, i, block, dtype)
         (at, bt), (ta, tb) = _tempered((a, b), centers, temperature, transforms)
-        p, q, xh = logits_terms(at, bt, ta, tb, sa, sb)
+        centred = _centred(a, b, centers, temperature, transforms)
+        p, q, xh = logits_terms(at, bt, ta, tb, sa, sb, centred=centred)
         grads = dict(zip("ab", kl_logits_grads(p, q, xh, kl), strict=True))
         raw = {"a": a, "b": b}
         tr = dict(zip("ab", transforms, strict=True))
