@@ -578,6 +578,9 @@ def merge_block_kl(x: BlockKL, y: BlockKL, temperature: float = 1.0) -> BlockKL:
     x1, x2 = (jnp.where(none1 | none2, jnp.zeros_like(x1), xi) for xi in (x1, x2))
     two_point = kl_terms(pi1, rho1, x1) + kl_terms(pi2, rho2, x2)
     two_point = jnp.where(sb > 0, two_point, jnp.where(sa > 0, jnp.inf, 0.0))
+    # p empty in both parts: 0 whatever q holds, as a row where p has no support on every path
+    # (the terms above would give ρ₁ + ρ₂ = 1, the generalised divergence's Σq)
+    two_point = jnp.where(sa == 0, jnp.zeros_like(two_point), two_point)
 
     def part(pi, kl):
         return jnp.where(pi > 0, pi * kl, jnp.where(jnp.isnan(kl), kl, jnp.zeros_like(kl)))

@@ -177,3 +177,8 @@ def test_merged_block_kl_edges():
     # every block empty in both: 0, as an all-masked row
     empty = np.full((1, 4), -np.inf)
     assert _one_pass(empty, empty, [0, 2, 4])[0] == 0
+    # p empty in every block, q not: 0, as a p row without support on every path (the merge's
+    # two-point terms gave Σq = 1)
+    q_row = np.array([[0.3, -1.0, 2.0, 0.5]])
+    assert _one_pass(empty, q_row, [0, 2, 4])[0] == 0
+    assert _one_pass(empty, q_row, [0, 1, 2, 3, 4])[0] == 0

@@ -4,8 +4,8 @@ Hypothesis draws logits (ordinary ranges and up to ±3e38), ``where`` masks, row
 masked entries, 16-bit inputs, temperatures (Python numbers, tiny to huge, and traced arrays,
 one per row) and logit transforms (``softcap``/``logit_scale``, numbers or (teacher, student)
 pairs) and the rows' cotangents (1, or per row: 0, negative, above 1, NaN), and asserts for every
-``impl`` (xla, chunked, pallas in interpret mode; auto too in the slow
-budget: at these shapes on CPU it is the XLA path):
+``impl`` (xla, chunked, pallas in interpret mode, in blocks of 16 entries so that rows span
+several; auto too in the slow budget: at these shapes on CPU it is the XLA path):
 
 * valid input never gives NaN, the value is ≥ 0, and the gradient is finite wherever the value
   is (and 0 at masked entries);
@@ -46,6 +46,21 @@ settings.register_profile(
 )
 PROFILE = os.environ.get("KLDIV_HYPOTHESIS_PROFILE", "default")
 settings.load_profile(PROFILE)
+
+# The Pallas kernel in blocks of 16 vocabulary entries (its smallest block), so that a row of 17
+# spans two blocks and the suite checks its one-pass merge (kldiv._numerics.merge_block_kl), not
+# only its single-block case: the default block covers any V ≤ 4096 in one.
+PALLAS_BLOCK = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_pallas_blocks():
+    from kldiv.fused import pallas
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pallas, "block_size", lambda v, max_block=PALLAS_BLOCK: PALLAS_BLOCK)
+        yield
+
 
 # "auto" runs one of the others (on CPU, at these shapes, the XLA path itself:
 # tests/test_fused.py checks the choice); the default budget leaves it out, the slow one keeps it.
