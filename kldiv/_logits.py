@@ -237,29 +237,30 @@ def temper_and_mask(
     x = transform_logits(x, transform)
     center = transform_logits(jax.lax.stop_gradient(center), transform)
     live = x != -jnp.inf  # NaN counts as live and propagates
-    # (x − c)/T as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow.
-    half = 0.5 * jnp.where(live, x, center) - 0.5 * jax.lax.stop_gradient(center)
     t = jnp.asarray(temperature, dtype)
-    return jnp.where(live, _divide(half, t), -jnp.inf) + _dead_entry_zeros(x, live, t)
+    tempered = _divide(jnp.where(live, x, center), jax.lax.stop_gradient(center), t)
+    return jnp.where(live, tempered, -jnp.inf) + _dead_entry_zeros(x, live, t)
 
 
 @jax.custom_jvp
-def _divide(x, t):
-    """2·(x/t): the halved centred logits back at full scale, divided by T."""
-    return 2 * (x / t)
+def _divide(x, c, t):
+    """(x − c)/T, as 2·((x/2 − c/2)/T): halving is exact, and x/2 − c/2 cannot overflow."""
+    return 2 * ((0.5 * x - 0.5 * c) / t)
 
 
 @_divide.defjvp
 def _divide_jvp(primals, tangents):
-    # d(2x/t) = (2/t)·dx − (y/t)·dt, saturated: a tiny T gives huge, never infinite, local
-    # derivatives. The factor 2 sits in the coefficient, not on the cotangent: a saturated
-    # cotangent (a row at KL = +inf) doubled would overflow to ±inf first, and 0 · inf = NaN
-    # at the row maximum (y = 0) in the gradient w.r.t. a traced T.
-    x, t = primals
-    dx, dt = tangents
-    y = _divide(x, t)
+    # d((x − c)/t) = dx/t − (y/t)·dt, saturated: a tiny T gives huge, never infinite, local
+    # derivatives (c is a constant: the caller stops its gradient). One factor 1/t on the
+    # cotangent, as the fused paths apply it (_logits.chain_cotangent): the chain through the
+    # halving and doubling would multiply a saturated cotangent (a row at KL = +inf) by 2/t
+    # first, overflowing where (g·gx)/t does not, and 0·inf = NaN at the row maximum (y = 0)
+    # in the gradient w.r.t. a traced T.
+    x, c, t = primals
+    dx, _, dt = tangents
+    y = _divide(x, c, t)
     inv = saturate(1 / t, nan_to_zero=False)
-    return y, dx * saturate(2 * inv, nan_to_zero=False) - saturate(y * inv, nan_to_zero=False) * dt
+    return y, dx * inv - saturate(y * inv, nan_to_zero=False) * dt
 
 
 @jax.custom_jvp

@@ -626,6 +626,28 @@ def test_finite_values_that_overflow_intermediates(impl):
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_representable_kl_of_huge_logits_at_a_small_temperature(impl):
+    """q of one entry underflows at T = 0.25 although its KL term is representable: KL ≈ 1.6e38
+    (not +inf, the log-ratio is formed before the division), and the gradient's entries are
+    the chain rule's products on every path: +inf where the derivative is beyond float32's
+    range, the same finite value elsewhere (the XLA path multiplied the cotangent by 2/T and
+    then by 1/2, overflowing where (g·gx)/T does not)."""
+    with enable_x64(False):
+        a = _f32([[-2.80964495e38] * 3])
+        b = _f32([[1.83105469e34, 1.83105469e34, -1.22335415e38]])
+        t = 0.25
+        v, ga = jax.value_and_grad(
+            lambda x: jnp.sum(kldiv.kl_from_logits(x, b, temperature=t, impl=impl))
+        )(a)
+    lq = scipy.special.log_softmax(np.asarray(b, np.float64) / t, -1)
+    want = np.sum((np.log(1 / 3) - lq) / 3)
+    np.testing.assert_allclose(v, want, rtol=1e-6)
+    # ∂KL/∂a_v = p_v·(x_v − KL)/T: −2.18e38 for the first two entries, 4.35e38 (beyond) for the last
+    np.testing.assert_allclose(ga[0, :2], [(np.log(2 / 3) - want) / 3 / t] * 2, rtol=1e-5)
+    assert ga[0, 2] == np.inf
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_p_row_without_support_gives_zero(impl):
     a = np.full((2, 4), -np.inf)
     a[1] = [0.0, 1.0, 2.0, 3.0]
