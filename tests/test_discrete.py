@@ -520,6 +520,9 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
+_JAX_BEFORE_0_8 = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 8)
+
+
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_temperature_with_large_finite_logits(impl):
     with enable_x64(False):
@@ -561,6 +564,12 @@ def test_neg_inf_student_logit_where_p_has_mass_gets_minus_p_over_t(impl):
             assert np.all(np.isfinite(g)), g
         tg = jax.grad(lambda t: jnp.sum(kldiv.kl_from_logits(a, b, temperature=t)[1:]))(2.0)
         assert np.isfinite(tg)
+        if impl in ("chunked", "pallas") and _JAX_BEFORE_0_8:
+            # JAX 0.7 (the supported floor) fails at trace time inside JAX (an AssertionError
+            # from linear_util.Store) when a fused path's custom VJP, differentiated above
+            # w.r.t. the student logits with a traced T, is differentiated w.r.t. T: it reuses
+            # the first trace. The same on 74deac3; the pinned JAX does not.
+            return
         # through the row at +inf: the saturated derivatives' plain products, which may
         # overflow to ±inf but are never NaN (a doubled saturated cotangent overflowed before
         # the division's rule and met y = 0 at the row maximum: 0·inf)
