@@ -392,15 +392,7 @@ def check_scalar_count(name: str, value, *, allow_zero: bool = False) -> None:
     given. TypeError/ValueError naming ``name`` otherwise."""
     if value is None:
         return
-    if isinstance(value, (bool, np.bool_, str)) or not (
-        isinstance(value, numbers.Real) or hasattr(value, "dtype")
-    ):
-        raise TypeError(f"kldiv: `{name}` must be a number or a scalar array; got {value!r}.")
-    v = jnp.asarray(value)
-    if v.ndim != 0:
-        raise ValueError(f"kldiv: `{name}` must be a scalar; got shape {v.shape}.")
-    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
-        raise TypeError(f"kldiv: `{name}` must be real; got dtype {v.dtype}.")
+    v = _real_scalar(name, value)
     if is_concrete(v):
         ok = bool(v >= 0) if allow_zero else bool(v > 0)
         if not ok:
@@ -439,13 +431,28 @@ def as_keep_mask(mask, shape: tuple[int, ...], name: str) -> jax.Array | None:
     return mask if mask is None or mask.dtype == jnp.bool_ else mask != 0
 
 
+def _real_scalar(name: str, value, what: str = "") -> jax.Array:
+    """``value`` as a real scalar array: a Python number or an array of shape ``()`` and an
+    integer or floating dtype. TypeError/ValueError naming ``name`` otherwise (``what``: a
+    remark added to the shape error)."""
+    if isinstance(value, (bool, np.bool_, str)) or not (
+        isinstance(value, numbers.Real) or hasattr(value, "dtype")
+    ):
+        raise TypeError(f"kldiv: `{name}` must be a number or a scalar array; got {value!r}.")
+    v = jnp.asarray(value)
+    if v.ndim != 0:
+        raise ValueError(f"kldiv: `{name}` must be a scalar{what}; got shape {v.shape}.")
+    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
+        raise TypeError(f"kldiv: `{name}` must be real; got dtype {v.dtype}.")
+    return v
+
+
 def check_static_int(name: str, value, minimum: int) -> int:
     """A static integer option (a chunk size, a sample count): a Python int ≥ ``minimum``,
     returned as an int. ValueError naming ``name`` for anything else (floats, booleans, strings,
     arrays, smaller values)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"kldiv: `{name}` must be a Python int ≥ {minimum}; got {value!r}.")
-    if value < minimum:
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not integral or value < minimum:
         raise ValueError(f"kldiv: `{name}` must be a Python int ≥ {minimum}; got {value!r}.")
     return int(value)
 
@@ -453,18 +460,7 @@ def check_static_int(name: str, value, minimum: int) -> int:
 def check_scalar_weight(name: str, value) -> None:
     """A loss weight (``soft_weight``, ``hard_weight``): a Python number or a real scalar array
     (traced values are used as given). TypeError/ValueError naming ``name`` otherwise."""
-    if isinstance(value, (bool, np.bool_, str)) or not (
-        isinstance(value, numbers.Real) or hasattr(value, "dtype")
-    ):
-        raise TypeError(f"kldiv: `{name}` must be a number or a scalar array; got {value!r}.")
-    v = jnp.asarray(value)
-    if not (jnp.issubdtype(v.dtype, jnp.integer) or jnp.issubdtype(v.dtype, jnp.floating)):
-        raise TypeError(f"kldiv: `{name}` must be real; got dtype {v.dtype}.")
-    if v.ndim != 0:
-        raise ValueError(
-            f"kldiv: `{name}` must be a scalar (one weight for every token; per-token weights "
-            f"go in `mask`); got shape {v.shape}."
-        )
+    _real_scalar(name, value, " (one weight for every token; per-token weights go in `mask`)")
 
 
 def token_ids(name: str, ids) -> jax.Array:

@@ -326,10 +326,12 @@ def temper_and_mask_pair(
     where=None,
     axis_name=None,
     transforms: Transforms = NO_TRANSFORMS,
+    centres=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Both whole logit arrays through :func:`temper_and_mask`, in their common compute dtype
-    (centred on the global row maxima of a vocabulary split over ``axis_name``); ``transforms``:
-    the (a, b) logit transforms (:func:`transform_logits`)."""
+    (centred on the global row maxima of a vocabulary split over ``axis_name``, or on
+    ``centres`` = (ca, cb) when the caller has them); ``transforms``: the (a, b) logit
+    transforms (:func:`transform_logits`)."""
     dtype = _checks.compute_dtype(a, b)
     ta, tb = transforms
     if is_unit(temperature):
@@ -337,7 +339,7 @@ def temper_and_mask_pair(
             temper_and_mask(a, dtype, 1.0, where, transform=ta),
             temper_and_mask(b, dtype, 1.0, where, transform=tb),
         )
-    ca, cb = masked_row_max_pair(a, b, dtype, where, axis_name)
+    ca, cb = masked_row_max_pair(a, b, dtype, where, axis_name) if centres is None else centres
     return (
         temper_and_mask(a, dtype, temperature, where, ca, ta),
         temper_and_mask(b, dtype, temperature, where, cb, tb),
@@ -356,11 +358,11 @@ def tempered_pair(
     division by T (``_numerics.centred_half_difference``, None at T = 1), for
     :func:`kl_logits_core` and ``logits_terms(centred=)``: at T ≠ 1 the tempered logits are
     each rounded after the division, and their difference with them."""
-    dtype = _checks.compute_dtype(a, b)
-    at, bt = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms)
     if is_unit(temperature):
-        return at, bt, None
+        return (*temper_and_mask_pair(a, b, 1.0, where, axis_name, transforms), None)
+    dtype = _checks.compute_dtype(a, b)
     ca, cb = masked_row_max_pair(a, b, dtype, where, axis_name)
+    at, bt = temper_and_mask_pair(a, b, temperature, where, axis_name, transforms, (ca, cb))
     centred = untempered_half_difference(a, b, ca, cb, dtype, where, transforms, temperature)
     return at, bt, centred
 

@@ -153,8 +153,8 @@ def test_merged_block_kl_is_the_kl_of_the_whole_row(t):
 def test_merged_block_kl_where_q_underflows_under_p_mass(t):
     """A block where q's entries underflow to 0 (below float32's smallest normal) although p's
     do not: its log mass ratio u counts p's mass there. Without it u was log1p(−1) = −inf for
-    [100, 0] against [0, 100] (NaN after the merge) and too small where part of the mass was
-    dropped (a finite KL 27% too small for logits of scale 30)."""
+    [100, 0] against [0, 100] (NaN after the merge), and too small where only part of p's
+    mass was dropped."""
     a = np.zeros((2, 6), np.float32)
     b = np.zeros((2, 6), np.float32)
     a[0, 4], b[0, 5] = 100.0 * t, 100.0 * t
