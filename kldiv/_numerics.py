@@ -382,16 +382,20 @@ def centred_half_difference(xa, xb, ca, cb, temperature=None):
     softmax(xa/T) and softmax(xb/T) before the normalisers, with ``ca``, ``cb`` the rows'
     (raw) centres, for :func:`logits_terms` (``centred=``).
 
-    The differences are formed error-free (:func:`two_diff`) and only then divided by T: dividing
-    each logit first (the tempered logits) rounds each to eps·|x − c|/T independently, an
-    absolute error in their difference that the KL of nearly equal distributions sees at first
-    order (``tests/test_discrete.py::test_accuracy_near_equal_at_a_temperature``). At T = 1 it is
-    the centred log-ratio that :func:`logits_terms` forms itself. ``temperature``: None or 1 for
-    none, a Python number, or an array broadcastable against the rows.
+    Formed as ((xa − xb)/2 − (ca − cb)/2), each half-difference error-free (:func:`two_diff`:
+    one per entry, one per row), and only then divided by T: dividing each logit first (the
+    tempered logits) rounds each to eps·|x − c|/T independently, an absolute error in their
+    difference that the KL of nearly equal distributions sees at first order
+    (``tests/test_discrete.py::test_accuracy_near_equal_at_a_temperature``). Where the result is
+    small against the offset ca − cb, the two high parts lie within a factor 2 of each other
+    and their difference is exact (Sterbenz); elsewhere it is rounded once, relative to the
+    result. The halves keep every step finite for finite logits up to ±finfo.max. At T = 1 it
+    is the centred log-ratio that :func:`logits_terms` forms itself. ``temperature``: None or 1
+    for none, a Python number, or an array broadcastable against the rows.
     """
-    ah, al = two_diff(0.5 * xa, 0.5 * ca)
-    bh, bl = two_diff(0.5 * xb, 0.5 * cb)
-    d = (ah - bh) + (al - bl)
+    h, lo = two_diff(0.5 * xa, 0.5 * xb)
+    ch, cl = two_diff(0.5 * ca, 0.5 * cb)
+    d = (h - ch) + (lo - cl)
     if temperature is None or (isinstance(temperature, (int, float)) and temperature == 1):
         return d
     return d / jnp.asarray(temperature, d.dtype)
@@ -443,7 +447,7 @@ def logit_kl_terms(p: jax.Array, q: jax.Array, xh: jax.Array) -> jax.Array:
     small = jnp.abs(xh) < 0.5 * SERIES_THRESHOLD  # NaN compares False
     xs = jnp.where(small, 2 * xh, jnp.zeros_like(xh))
     series = p * (xs * xs) * _omega_over_x2(xs, SERIES_THRESHOLD)
-    px = jnp.where(p > 0, 2 * (p * jnp.where(p > 0, xh, jnp.zeros_like(xh))), jnp.zeros_like(p))
+    px = 2 * (p * jnp.where(p > 0, xh, jnp.zeros_like(xh)))  # 0 where p = 0, whatever x is
     return jnp.maximum(jnp.where(small, series, px - p + q), 0)
 
 

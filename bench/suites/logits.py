@@ -14,7 +14,8 @@ vocabulary entry masked to −inf in both inputs gives NaN (value or gradient). 
 the student gradient alone: ``jax.grad`` of the rows' sum w.r.t. the student logits
 (``fwdbwd_student_ms``, a cotangent of 1 per row), and the value with that gradient of the rows'
 mean (``student_mean_value_ms``: a distillation step's loss, cotangent 1/N), each against
-``floor-1out``.
+``floor-1out``; and the forward+backward of both gradients at a temperature
+(``fwdbwd_T_ms``, ``--logits-temperature``, default 2) against ``floor-2out``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--logits-n", type=int, default=1024, help="rows (tokens)")
     parser.add_argument("--logits-v", type=int, default=32768, help="vocabulary size")
     parser.add_argument("--logits-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--logits-temperature",
+        type=float,
+        default=2.0,
+        help="the temperature of kldiv's tempered forward+backward rows (fwdbwd_T_ms)",
+    )
     parser.add_argument(
         "--logits-impls",
         default="all",
@@ -70,9 +77,9 @@ def _ejkernel_rows(platform):
     return rows
 
 
-def _kldiv_rows(impl):
+def _kldiv_rows(impl, temperature=1.0):
     def rows(t, s):
-        return kldiv.kl_from_logits(t, s, impl=impl)
+        return kldiv.kl_from_logits(t, s, impl=impl, temperature=temperature)
 
     return rows
 
@@ -215,6 +222,12 @@ def run(args, progress) -> list[dict]:
             timed[f"{name}/student_mean"] = jax.jit(
                 jax.value_and_grad(lambda a, b, f=rows_fn: jnp.mean(f(a, b)), argnums=1)
             )
+            # at a temperature (distillation's usual T > 1): the error-free centred difference
+            # and the compensated tempered exponentials that keep the accuracy there
+            tempered = _kldiv_rows(name.removeprefix("kldiv-"), args.logits_temperature)
+            timed[f"{name}/fwdbwd_T"] = jax.jit(
+                jax.value_and_grad(lambda a, b, f=tempered: jnp.sum(f(a, b)), argnums=(0, 1))
+            )
     for name, f in _floors().items():
         timed[f"{name}/fwdbwd"] = f
     timed["floor-2out-reused/fwdbwd"] = _ReusedOutputs(t, s)
@@ -240,6 +253,7 @@ def run(args, progress) -> list[dict]:
         if name.startswith("kldiv-"):
             row["fwdbwd_student_ms"] = ms[f"{name}/student"]
             row["student_mean_value_ms"] = ms[f"{name}/student_mean"]
+            row["fwdbwd_T_ms"] = ms[f"{name}/fwdbwd_T"]
         rows.append(row)
     floors = {name: ms[f"{name}/fwdbwd"] for name in _floors()}
     for name, floor_ms in floors.items():
@@ -268,6 +282,7 @@ def run(args, progress) -> list[dict]:
             r["fwdbwd_vs_floor"] = r["fwdbwd_ms"] / floors["floor-2out"]
             r["student_vs_floor"] = r["fwdbwd_student_ms"] / floors["floor-1out"]
             r["student_mean_value_vs_floor"] = r["student_mean_value_ms"] / floors["floor-1out"]
+            r["fwdbwd_T_vs_floor"] = r["fwdbwd_T_ms"] / floors["floor-2out"]
     if wanted is None or "torch" in wanted:
         try:
             rows.append(_torch_row(t.astype(jnp.float32), s.astype(jnp.float32), args, progress))
