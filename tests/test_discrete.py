@@ -417,30 +417,51 @@ def test_accuracy_target_near_equal(impl):
     assert np.median(np.abs(out - ref) / ref) <= 1e-3
 
 
-@pytest.mark.parametrize("t", [2.0, 4.0, 0.5])
-def test_accuracy_near_equal_at_a_temperature(impl, t):
-    """At T ≠ 1 the log-ratio of the entries is formed from the untempered centred differences
-    before the division (``_numerics.centred_half_difference``): dividing each logit first
-    rounded each independently (this test at 74deac3: medians of 7.9e-5 to 2.3e-4 at T = 2 and
-    4). The chunked path's sampled centres (the first V/16 columns, here 100 below the row
-    maxima) also compensate the tempered exponentials for that rounding."""
+def _near_equal_errors(impl, t, offset=0.0, seed=43):
+    """KL of float32 logits whose softmaxes are nearly equal at temperature ``t``, the student's
+    logits the teacher's plus ``offset`` and a small noise, against the float64 reference:
+    (values, reference). Rows 0–31 hold their first 64 entries 100 below the row maxima: the
+    chunked path's sampled centres (the first V/16 columns) lie far below them."""
     with enable_x64(False):
-        rng = _rng(43)
+        rng = _rng(seed)
         a = (3.0 * rng.standard_normal((64, 1024))).astype(np.float32)
-        a[:32, :64] -= 100.0  # far below the row maxima: the chunked path's sampled centres
-        b = (a + 1e-4 * rng.standard_normal(a.shape)).astype(np.float32)
+        a[:32, :64] -= 100.0
+        b = (a + offset + 1e-4 * rng.standard_normal(a.shape)).astype(np.float32)
         a64, b64 = a.astype(np.float64) / t, b.astype(np.float64) / t
         ref = _ref_kl(np.exp(_log_softmax64(a64)), np.exp(_log_softmax64(b64)))
         out = np.asarray(
             jax.jit(lambda x, y: kldiv.kl_from_logits(x, y, temperature=t, impl=impl))(a, b),
             np.float64,
         )
-    rel = np.abs(out - ref) / ref
     assert np.all(out >= 0)
+    return out, ref
+
+
+@pytest.mark.parametrize("t", [2.0, 4.0, 0.5])
+def test_accuracy_near_equal_at_a_temperature(impl, t):
+    """At T ≠ 1 the log-ratio of the entries is formed from the untempered centred differences
+    before the division (``_numerics.centred_half_difference``): dividing each logit first
+    rounded each independently (this test at 74deac3: medians of 7.9e-5 to 2.3e-4 at T = 2 and
+    4). The chunked path's sampled centres also compensate the tempered exponentials for that
+    rounding."""
+    out, ref = _near_equal_errors(impl, t)
+    rel = np.abs(out - ref) / ref
     assert np.median(rel) <= 1e-5, np.median(rel)
     # the row constant log(Σe^a/Σe^b) errs by ~eps, which moves the KL at second order: ~1e-14
     # absolute, a visible share of the smallest KLs here (2e-11 at T = 0.5)
     assert np.all(np.abs(out - ref) <= 2e-4 * ref + 2e-14), (rel.max(), ref[rel.argmax()])
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_accuracy_near_equal_with_an_offset(impl, t):
+    """A student whose logits are the teacher's plus a large constant (softmax ignores it) and a
+    small noise: x = log(p/q) is tiny against the offset, so the centred log-ratio must be formed
+    without rounding the offset into each entry (``_numerics.centred_half_difference``: the
+    half-difference of the entries and that of the row centres, each error-free). Rounding
+    (a − b) or (a − ma) alone would cost each x an absolute eps·300, about 1e-4 of these x."""
+    out, ref = _near_equal_errors(impl, t, offset=300.7, seed=44)
+    rel = np.abs(out - ref) / ref
+    assert np.median(rel) <= 1e-5, np.median(rel)
 
 
 def test_textbook_formula_fails_the_same_target():
