@@ -378,17 +378,25 @@ def untempered_half_difference(
     temperature: float | ArrayLike = 1.0,
 ):
     """``_numerics.centred_half_difference`` of stored logit rows ``a``, ``b`` about their raw
-    centres ``ca``, ``cb`` (as :func:`temper_and_mask` centres them): cast, masked and
-    transformed as every path reads them, differenced error-free, then divided by T. Under
+    centres ``ca``, ``cb`` (as :func:`temper_and_mask` centres them): read as every path reads
+    them (:func:`untempered_pair`), differenced error-free, then divided by T. Under
     ``stop_gradient``: a constant of the KL's closed-form derivatives."""
-    ta, tb = transforms
-    xa = temper_and_mask(a, dtype, 1.0, where, transform=ta)
-    xb = temper_and_mask(b, dtype, 1.0, where, transform=tb)
-    cat = transform_logits(ca, ta)
-    cbt = transform_logits(cb, tb)
     t = temperature if static_temperature(temperature) is not None else jnp.asarray(temperature)
-    centred = centred_half_difference(xa, xb, cat, cbt, t)
+    centred = centred_half_difference(*untempered_pair(a, b, ca, cb, dtype, where, transforms), t)
     return jax.lax.stop_gradient(centred)
+
+
+def untempered_pair(a, b, ca, cb, dtype, where=None, transforms: Transforms = NO_TRANSFORMS):
+    """Stored logit rows ``a``, ``b`` and their raw centres ``ca``, ``cb`` before the division by
+    T: the rows cast, masked and transformed (:func:`temper_and_mask` at T = 1), the centres
+    transformed, ``(xa, xb, ca', cb')``."""
+    ta, tb = transforms
+    return (
+        temper_and_mask(a, dtype, 1.0, where, transform=ta),
+        temper_and_mask(b, dtype, 1.0, where, transform=tb),
+        transform_logits(ca, ta),
+        transform_logits(cb, tb),
+    )
 
 
 def kl_logits_aligned(

@@ -76,10 +76,11 @@ from kldiv._logits import (
     row_cotangent,
     temper_and_mask,
     tempered_max,
-    transform_logits,
     untempered_half_difference,
+    untempered_pair,
 )
 from kldiv._numerics import (
+    centred_half_difference,
     exp_and_sum,
     kl_logits_grads,
     logit_kl_terms,
@@ -171,22 +172,21 @@ def _chunk_terms(ac, bc, w, dtype, t, transforms, cols):
     xa = temper_and_mask(ac, dtype, t, w, ca, ta)
     xb = temper_and_mask(bc, dtype, t, w, cb, tb)
     ma, mb = tempered_max(ca, t, ta), tempered_max(cb, t, tb)
-    tr = (ta, tb)
     # = logits_stats(xa, xb); the chunk's exponentials, in cache, serve both passes
     exact = cols is not None
-    if exact and not is_unit(t):  # compensated for the roundings of x − centre and of ÷T
-        (ea, sa), (eb, sb) = (
-            tempered_exp_and_sum(
-                temper_and_mask(x, dtype, 1.0, w, transform=trx), transform_logits(m, trx), t
-            )
-            for x, m, trx in ((ac, ca, ta), (bc, cb, tb))
-        )
+    centred = None
+    if not is_unit(t):
+        # the rows before the division, read once: the centred difference, and about a sampled
+        # centre the exponentials compensated for the roundings of x − centre and of ÷T
+        ua, ub, cat, cbt = untempered_pair(ac, bc, ca, cb, dtype, w, (ta, tb))
+        centred = centred_half_difference(ua, ub, cat, cbt, t)
+    if centred is not None and exact:
+        (ea, sa), (eb, sb) = tempered_exp_and_sum(ua, cat, t), tempered_exp_and_sum(ub, cbt, t)
     else:
         (ea, sa), (eb, sb) = (
             exp_and_sum(xa, ma, compensated=exact),
             exp_and_sum(xb, mb, compensated=exact),
         )
-    centred = None if is_unit(t) else untempered_half_difference(ac, bc, ca, cb, dtype, w, tr, t)
     terms = logits_terms(xa, xb, ma, mb, sa, sb, (ea, eb), centred)
     kl = row_sum(logit_kl_terms(*terms))
     return kl, sa, sb, ma, mb, (ca, cb), terms
@@ -404,7 +404,7 @@ def _kl_rows_bwd(c, t, tr, res, g):
             # log-normalisers (ma, mb: _recentred), so the difference moves with them
             shift_hi, shift_lo = two_diff(0.5 * stats[0], 0.5 * stats[1])
             centred = untempered_half_difference(a, b, ca, cb, dtype, where, tr, t)
-            centred = centred - (shift_hi + shift_lo)
+            centred = (centred - shift_hi) - shift_lo
         gx = kl_logits_grads(*logits_terms(ac, bc, *stats, centred=centred), kl[:, None])[wrt]
         x = (a, b)[wrt]
         y = chain_cotangent(gx, g, t)
